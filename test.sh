@@ -15,8 +15,9 @@ if [ -n "$(git status --porcelain -- ptm_nb 2>/dev/null)" ]; then
   exit 1
 fi
 ptm-nb readme --check
-# 2. every notebook, top to bottom, at smoke scale
-nbdev_test --n_workers 2 --timing
+# 2. every notebook, top to bottom, at smoke scale (two notebooks at a time, one thread each: tiny tensors
+#    run faster single-threaded, and two workers fill the two cores)
+OMP_NUM_THREADS=1 nbdev_test --n_workers 2 --timing
 # 3. pytest; exit 5 means no test was collected, which is a failure here (there must be tests)
 rc=0; python -m pytest -q -rs tests "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then echo "test.sh: pytest collected no test" >&2; exit 1; fi

@@ -8,8 +8,9 @@ The last line is
 
     RESULT speedup_ipc2=<x> speedup_ipc10=<y>
 
-where speed-up = sequential seconds / batched seconds (default engine, 'stacked'), averaged (arithmetic mean)
-over the datasets. Data root: env PTM_DATA_DIR, else ../shared/data/medmnist beside the repository.
+where speed-up = sequential seconds / batched seconds (the first engine of --engines, 'stacked' by default),
+averaged (arithmetic mean) over the datasets. Times include building the nets and testing them on the test split
+(the same work in both paths). Data root: env PTM_DATA_DIR, else ../shared/data/medmnist beside the repository.
 
     .venv/bin/python benchmarks/eval_batched.py [--epochs 10] [--K 10] [--engines stacked,vmap]
 """
@@ -19,7 +20,8 @@ import torch
 from ptm_nb.augment import DSAConfig
 from ptm_nb.data import load_dataset, real_per_class
 from ptm_nb.nets import make_net, flat_params
-from ptm_nb.train import (TrainConfig, augment_stack, evaluate_synset, make_grad_fn, stream_generator)
+import ptm_nb.train as T
+from ptm_nb.train import augment_stack, evaluate_synset, make_grad_fn, stream_generator
 
 
 def data_root() -> Path:
@@ -87,7 +89,8 @@ def main():
                 dparam = (res.params - seq.params).abs().max().item()
                 line += f' | {eng} {t:7.1f} s = {t_seq / t:4.2f}x (acc diff {same_acc:.1e}, max |dW| {dparam:.1e})'
                 if i == 0: speedups[ipc].append(t_seq / t)
-            print(line, f'| acc {seq.summary()}', flush=True)
+            auto = T.pick_engine(make_net('convnet', tuple(x.shape[1:]), ds.n_classes), True, 'cpu', min(256, len(x)))
+            print(line, f"| {seq.summary()} | engine='auto' here: {auto}", flush=True)
             if not args.no_breakdown:
                 parts = {e: step_breakdown(x, y, ds.n_classes, args.K, e) for e in ['func', *engines]}
                 print('    one step of K nets, ms (augment / gradient / update): ' +

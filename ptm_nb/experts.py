@@ -81,10 +81,15 @@ def dataset_identity(ds) -> dict:
             'sha256': _tensor_digest(ds.train_x, ds.train_y, ds.test_x, ds.test_y)}
 
 
+def _folder_for(identity: dict, root) -> Path:
+    key = json.dumps(identity, sort_keys=True)
+    name = f"{identity['dataset']['name']}-{identity['config']['net']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return Path(root) / name
+
+
 def expert_folder(ds, cfg: ExpertConfig, root='outputs/experts') -> Path:
     "`root/<dataset>-<net>-<hash>`: the hash covers `cfg.identity()` and `dataset_identity(ds)`."
-    key = json.dumps({'config': cfg.identity(), 'dataset': dataset_identity(ds)}, sort_keys=True)
-    return Path(root) / f'{ds.name}-{cfg.net}-{hashlib.sha256(key.encode()).hexdigest()[:10]}'
+    return _folder_for({'config': cfg.identity(), 'dataset': dataset_identity(ds)}, root)
 
 # %% ../nbs/04_experts.ipynb #5ce59f31
 def expert_seed(seed: int, index: int, stream: str) -> int:
@@ -273,6 +278,12 @@ class ExpertBuffer:
     @property
     def config(self) -> dict: return self.meta['config']
 
+    def expert_config(self, **changes) -> ExpertConfig:
+        "The `ExpertConfig` this buffer was made with (`n_experts` = its length), with `changes` applied."
+        d = {**self.meta['config'], 'n_experts': max(1, len(self))}
+        d['dsa_config'] = DSAConfig(**d['dsa_config'])
+        return dataclasses.replace(ExpertConfig(**d), **changes)
+
     def test_accuracy(self):
         "Test accuracy of every expert after every epoch: a (len(self), epochs + 1) tensor."
         return torch.tensor([self.meta['experts'][str(k)]['test_acc'] for k in range(len(self))])
@@ -285,11 +296,12 @@ class ExpertBuffer:
         if problems:
             fix = []
             if len(self) < n_experts:
-                fix.append(f'run ptm_nb.experts.generate_experts(ds, cfg, root) with the same cfg and n_experts={n_experts}'
+                fix.append(f'run generate_experts(ds, buffer.expert_config(n_experts={n_experts}), root={str(self.folder.parent)!r})'
                            f' (it keeps the {len(self)} finished experts and trains the other {n_experts - len(self)})')
             if self.epochs < epochs:
-                fix.append(f'longer experts are a new buffer: generate_experts with ExpertConfig(epochs={epochs}, ...),'
-                           f' or ask {method} for at most {self.epochs} epochs (start epoch + matched epochs)')
+                fix.append(f'longer experts are a new buffer: generate_experts(ds, buffer.expert_config(epochs={epochs}), '
+                           f'root={str(self.folder.parent)!r}), or ask {method} for at most {self.epochs} epochs '
+                           f'(start epoch + matched epochs)')
             raise ExpertError(f'{method} needs ' + ' and '.join(problems) + f' from the expert buffer {self.folder}; '
                               + '; '.join(fix))
         return self
@@ -334,23 +346,31 @@ def read_expert(folder, k: int, epochs: int = None, n_params: int = None):
     return traj, meta
 
 # %% ../nbs/04_experts.ipynb #99537ce6
+def _file_stamp(path: Path) -> dict:
+    st = path.stat()
+    return {'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns}
+
+
 def _expert_file_ok(folder: Path, k: int, meta: dict):
-    "The expert's metadata when its file is whole and matches `meta`, else None."
+    """The expert's metadata when its file is whole and matches `meta`, else None. A file whose size and mtime are
+    the recorded ones is taken as it is (no re-reading of large buffers at every run); any other is read, checked
+    for shape and compared with the recorded sha256."""
     path = expert_path(folder, k)
     if not path.exists(): return None
-    try: traj, m = read_expert(folder, k, meta['epochs'], meta['n_params'])
-    except ExpertError: return None
     recorded = meta['experts'].get(str(k))
+    if recorded is not None and {f: recorded.get(f) for f in ('bytes', 'mtime_ns')} == _file_stamp(path): return recorded
+    try: m = read_expert(folder, k, meta['epochs'], meta['n_params'])[1]
+    except ExpertError: return None
     digest = _file_sha256(path)
     if recorded is not None and recorded.get('sha256') != digest: return None
-    return {**m, 'sha256': digest} if recorded is None else recorded
+    return {**(recorded or m), 'sha256': digest, **_file_stamp(path)}
 
 
 def generate_experts(ds, cfg: ExpertConfig, root='outputs/experts', on_expert_done=None, progress: bool = True) -> ExpertBuffer:
     "Train (or finish) `cfg.n_experts` experts on `ds` into `expert_folder(ds, cfg, root)`; returns the buffer."
     from tqdm.auto import tqdm
-    folder = expert_folder(ds, cfg, root)
     identity = {'config': cfg.identity(), 'dataset': dataset_identity(ds)}
+    folder = _folder_for(identity, root)
     meta_path = folder / 'meta.json'
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -360,7 +380,7 @@ def generate_experts(ds, cfg: ExpertConfig, root='outputs/experts', on_expert_do
     else:
         meta = {**identity, 'folder': folder.name, 'epochs': cfg.epochs, 'experts': {},
                 'n_params': int(init_flat(ds, cfg, 0)[1].numel())}
-    for stale in folder.glob('.expert_*.tmp'): stale.unlink()   # left by a process killed while writing
+    for stale in folder.glob('.*.tmp'): stale.unlink()   # left by a process killed while writing
     todo = []
     for k in range(cfg.n_experts):
         found = _expert_file_ok(folder, k, meta)
@@ -375,7 +395,7 @@ def generate_experts(ds, cfg: ExpertConfig, root='outputs/experts', on_expert_do
         done = train_experts_stacked(ds, cfg, ks) if len(ks) > 1 else [train_expert(ds, cfg, ks[0])]
         for k, (traj, m) in zip(ks, done):
             m['sha256'] = _atomic_write(expert_path(folder, k), lambda fh: torch.save({'trajectory': traj, 'meta': m}, fh))
-            meta['experts'][str(k)] = m
+            meta['experts'][str(k)] = {**m, **_file_stamp(expert_path(folder, k))}
             _write_json(meta_path, meta)
             bar.update(1); bar.set_postfix(test_acc=f"{m['test_acc'][-1]:.3f}", s=f"{m['wall_s']:.1f}")
             if on_expert_done is not None: on_expert_done(k, folder)

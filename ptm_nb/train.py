@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from torch.func import vmap, grad_and_value
 from .nets import make_net, functional, flat_params, load_flat, ConvNet, LeNet, AlexNet
 from .augment import DSAConfig, DSADraw, dsa_draw, dsa_apply
+from .data import real_per_class
 
 # %% auto #0
-__all__ = ['SOFT_TARGETS', 'ENGINES', 'stream_seed', 'stream_generator', 'accuracy', 'balanced_accuracy', 'roc_auc', 'auc_ovr',
-           'majority_class_accuracy', 'test_metrics', 'prepare_targets', 'TrainConfig', 'stackable', 'StackedNet',
-           'has_buffers', 'pick_engine', 'make_grad_fn', 'predict', 'augment_stack', 'fit_stack', 'TrainResult',
-           'train_net', 'EvalResult', 'evaluate_synset', 'random_real_baseline', 'full_data_baseline']
+__all__ = ['SOFT_TARGETS', 'ENGINES', 'CPU_STACK_MAX_BATCH', 'stream_seed', 'stream_generator', 'accuracy', 'balanced_accuracy',
+           'roc_auc', 'auc_ovr', 'majority_class_accuracy', 'test_metrics', 'prepare_targets', 'TrainConfig',
+           'stackable', 'StackedNet', 'has_buffers', 'pick_engine', 'make_grad_fn', 'predict', 'augment_stack',
+           'fit_stack', 'TrainResult', 'train_net', 'EvalResult', 'evaluate_synset', 'random_real_baseline',
+           'full_data_baseline']
 
 # %% ../nbs/03_train.ipynb #ab9ccd1f
 def stream_seed(seed: int, *keys) -> int:
@@ -64,7 +66,7 @@ def auc_ovr(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 def majority_class_accuracy(test_y: torch.Tensor) -> float:
     "Accuracy of always predicting the most frequent label of `test_y`."
-    return (torch.bincount(test_y.flatten().long()).max() / test_y.numel()).item()
+    return torch.bincount(test_y.flatten().long()).max().item() / test_y.numel()
 
 def test_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict:
     "{'acc', 'auc', 'bal_acc'} of `logits` (N, C) against labels `y` (N,)."
@@ -197,10 +199,15 @@ ENGINES = ('func', 'vmap', 'stacked', 'module')
 def has_buffers(net: nn.Module) -> bool:
     return any(b.numel() > 0 for b in net.buffers())
 
-def pick_engine(net: nn.Module, batched: bool) -> str:
-    "The engine `engine='auto'` means for `net`: the fastest batched engine it allows, else one net at a time."
+CPU_STACK_MAX_BATCH = 8   # on the CPU, stacking pays only for minibatches this small (see the measurements above)
+
+def pick_engine(net: nn.Module, batched: bool, device=None, batch: int | None = None) -> str:
+    """The engine `engine='auto'` means for `net` on `device` with `batch` images per net and step: the fastest
+    that the net allows (measured above), one net at a time where stacking does not pay."""
     if has_buffers(net): return 'module'
     if not batched: return 'func'
+    on_cpu = torch.device(device if device is not None else 'cpu').type == 'cpu'
+    if on_cpu: return 'stacked' if stackable(net) and (batch is None or batch <= CPU_STACK_MAX_BATCH) else 'func'
     return 'stacked' if stackable(net) else 'vmap'
 
 def make_grad_fn(net: nn.Module, engine: str):
@@ -246,10 +253,10 @@ def predict(net: nn.Module, W: torch.Tensor, x: torch.Tensor, engine: str, eval_
         if len(W) != 1: raise ValueError(f"engine 'module' predicts with one net at a time, got {len(W)}")
         load_flat(net, W[0]); net.eval()
         return torch.cat([net(c) for c in x.split(eval_batch)]).unsqueeze(0)
-    if engine == 'stacked': fwd = StackedNet(net)
-    else:
-        f = functional(net)
-        fwd = (lambda W, c: f(W[0], c).unsqueeze(0)) if engine == 'func' else vmap(f, in_dims=(0, None))
+    f = functional(net)
+    if engine == 'func' or x.device.type == 'cpu':                 # dense convolutions net by net
+        return torch.stack([torch.cat([f(w, c) for c in x.split(eval_batch)]) for w in W])
+    fwd = StackedNet(net) if engine == 'stacked' else vmap(f, in_dims=(0, None))
     chunk = max(1, eval_batch // len(W))
     return torch.cat([fwd(W, c) for c in x.split(chunk)], dim=1)
 
@@ -431,7 +438,7 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Te
     nets = [make_net(net, tuple(test_x.shape[1:]), n_classes, stream_generator(seed, 'net', k, 'init'), device=device,
                      **(net_options or {})) for k in range(K)]
     gens = [stream_generator(seed, 'net', k, 'train') for k in range(K)]
-    if engine == 'auto': engine = pick_engine(nets[0], batched)
+    if engine == 'auto': engine = pick_engine(nets[0], batched, device, min(cfg.batch_size, x.shape[1 if per_net else 0]))
     if engine not in ENGINES: raise ValueError(f"engine must be 'auto' or one of {ENGINES}, got {engine!r}")
     if engine in ('vmap', 'stacked') and has_buffers(nets[0]):
         raise ValueError(f"{net} has buffers (batch norm): it cannot train batched; use engine='module' or 'auto'")

@@ -82,20 +82,28 @@ def test_train_net_is_net_k_of_evaluate_synset(toy_sets):
 def test_vmap_engine_matches_one_by_one(toy_sets, net, options):
     x, y, tx, ty = toy_sets
     kw = dict(net=net, net_options=options, epochs=1, K=2, batch_size=6, keep_params=True)
-    v = evaluate_synset(x, y, tx, ty, engine='vmap', **kw)
-    s = evaluate_synset(x, y, tx, ty, batched=False, **kw)
+    v = evaluate_synset(x, y, tx[:8], ty[:8], engine='vmap', **kw)
+    s = evaluate_synset(x, y, tx[:8], ty[:8], batched=False, **kw)
     assert (v.params - s.params).abs().max() < 1e-4 and v.accs == s.accs
-    assert evaluate_synset(x[:3], y[:3], tx, ty, epochs=1, K=1, net=net, net_options=options).engine == (
-        'stacked' if net == 'lenet' else 'vmap')                       # what 'auto' picks
+    auto = evaluate_synset(x[:3], y[:3], tx[:8], ty[:8], epochs=1, K=1, net=net, net_options=options).engine
+    assert auto == ('stacked' if net == 'lenet' else 'func (one net at a time)')   # 'auto' on the CPU, 3 images
+
+
+def test_auto_engine_by_device_and_batch():
+    conv, res = make_net('convnet', (1, 12, 12), 3, **TINY), make_net('resnet18', (1, 12, 12), 3, width=2)
+    assert [T.pick_engine(conv, True, 'cpu', b) for b in (4, T.CPU_STACK_MAX_BATCH, 64)] == ['stacked', 'stacked', 'func']
+    assert T.pick_engine(conv, True, 'cuda', 256) == 'stacked' and T.pick_engine(res, True, 'cuda', 4) == 'vmap'
+    assert T.pick_engine(res, True, 'cpu', 4) == 'func' and T.pick_engine(conv, False, 'cuda', 4) == 'func'
+    assert T.pick_engine(make_net('resnet18_bn', (1, 12, 12), 3, width=2), True, 'cuda', 4) == 'module'
 
 
 def test_batch_norm_net_trains_one_at_a_time(toy_sets):
     x, y, tx, ty = toy_sets
     kw = dict(net='resnet18_bn', net_options={'width': 2}, epochs=1, K=2, dsa=None)
-    res = evaluate_synset(x, y, tx, ty, batched=True, **kw)
+    res = evaluate_synset(x[:6], y[:6], tx[:8], ty[:8], batched=True, **kw)
     assert res.engine == 'module (one net at a time)' and res.n_nets == 2
     with pytest.raises(ValueError, match='buffers'):
-        evaluate_synset(x, y, tx, ty, engine='vmap', **kw)
+        evaluate_synset(x[:6], y[:6], tx[:8], ty[:8], engine='vmap', **kw)
 
 
 def test_small_set_is_one_batch_per_epoch(monkeypatch, toy_sets):
@@ -120,12 +128,12 @@ def test_small_set_is_one_batch_per_epoch(monkeypatch, toy_sets):
 # ---- real data ---------------------------------------------------------------------------------------------
 
 def test_training_on_breastmnist_reduces_loss(breast):
-    x, y = breast.train_x[:128], breast.train_y[:128]
-    net = make_net('convnet', breast.image_shape, 2, torch.Generator().manual_seed(0), width=16, depth=2)
+    x, y = breast.train_x[:96], breast.train_y[:96]
+    net = make_net('convnet', breast.image_shape, 2, torch.Generator().manual_seed(0), width=8, depth=2)
     res = train_net(net, x, y, breast.test_x, breast.test_y, epochs=6, batch_size=32,
                     generator=torch.Generator().manual_seed(0))
     assert len(res.train_loss) == 6
-    assert res.train_loss[-1] < 0.85 * res.train_loss[0], res.train_loss
+    assert res.train_loss[-1] < 0.9 * res.train_loss[0], res.train_loss
     assert 0.5 <= res.acc <= 1 and 0 <= res.auc <= 1 and 0 <= res.bal_acc <= 1
 
 
