@@ -415,6 +415,7 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Te
     protocol knobs; `lr`, `epochs`, `batch_size` and `dsa` always apply."""
     K = _as_int(K, 'K')
     cfg = replace(cfg or TrainConfig(), lr=float(lr), epochs=_as_int(epochs, 'epochs'), batch_size=batch_size, dsa=dsa)
+    _check_images(test_x, 'test_x')
     if not isinstance(images, torch.Tensor) or images.ndim not in (4, 5, 6):
         raise ValueError(f"images must be a float tensor (N, C, H, W), (N, C, D, H, W) or one set per net (K, N, ...), "
                          f"got shape {tuple(getattr(images, 'shape', ()))}")
