@@ -199,7 +199,7 @@ ENGINES = ('func', 'vmap', 'stacked', 'module')
 def has_buffers(net: nn.Module) -> bool:
     return any(b.numel() > 0 for b in net.buffers())
 
-CPU_STACK_MAX_BATCH = 8   # on the CPU, stacking pays only for minibatches this small (see the measurements above)
+CPU_STACK_MAX_BATCH = 32  # on the CPU, stacking pays only for minibatches this small (see the measurements above)
 
 def pick_engine(net: nn.Module, batched: bool, device=None, batch: int | None = None) -> str:
     """The engine `engine='auto'` means for `net` on `device` with `batch` images per net and step: the fastest

@@ -91,7 +91,7 @@ def test_vmap_engine_matches_one_by_one(toy_sets, net, options):
 
 def test_auto_engine_by_device_and_batch():
     conv, res = make_net('convnet', (1, 12, 12), 3, **TINY), make_net('resnet18', (1, 12, 12), 3, width=2)
-    assert [T.pick_engine(conv, True, 'cpu', b) for b in (4, T.CPU_STACK_MAX_BATCH, 64)] == ['stacked', 'stacked', 'func']
+    assert [T.pick_engine(conv, True, 'cpu', b) for b in (4, T.CPU_STACK_MAX_BATCH, 256)] == ['stacked', 'stacked', 'func']
     assert T.pick_engine(conv, True, 'cuda', 256) == 'stacked' and T.pick_engine(res, True, 'cuda', 4) == 'vmap'
     assert T.pick_engine(res, True, 'cpu', 4) == 'func' and T.pick_engine(conv, False, 'cuda', 4) == 'func'
     assert T.pick_engine(make_net('resnet18_bn', (1, 12, 12), 3, width=2), True, 'cuda', 4) == 'module'
