@@ -3,6 +3,7 @@ a test that needs a file that is absent is skipped with the reason printed (pyte
 import os
 from pathlib import Path
 import pytest
+import torch
 
 
 def _data_dir():
@@ -27,3 +28,13 @@ def need_file(data_dir):
         if not p.exists(): pytest.skip(f'real data file absent: {p}')
         return p
     return _need
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks and float64 checks run far faster on one thread when the cores are shared (measured: 10x on a
+    loaded 2-core machine); the thread count is restored afterwards. Use with pytest.mark.usefixtures."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,7 +10,6 @@ from ptm_nb.experts import ExpertConfig, generate_experts
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     def blobs(n):
         y = torch.arange(n) % 3
@@ -25,6 +24,8 @@ def tiny(tmp_path_factory):
     plain = generate_experts(ds, ExpertConfig(net_options=net, n_experts=2, epochs=3, batch=30, lr=0.05), root, progress=False)
     return ds, plain, net
 
+
+pytestmark = pytest.mark.usefixtures('one_thread')   # see conftest.py
 
 CFG = dict(iterations=5, syn_steps=3, max_start_epoch=2, expert_epochs=1, max_target_epoch=2, lr_img=10, lr_lr=1e-5)
 

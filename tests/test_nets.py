@@ -20,14 +20,7 @@ NUM_CLASSES = 3
 def _gen(seed): return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny networks and float64 checks run far faster on one thread when the cores are shared (measured:
-    10x on a loaded 2-core machine); the thread count is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # see conftest.py
 
 
 def test_registry_names():

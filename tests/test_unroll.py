@@ -15,13 +15,7 @@ from ptm_nb.unroll import (NonFiniteGuard, SynLR, UnrollConfig, UnrollPlan, matc
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "These problems are tiny: one thread runs them several times faster than two on a busy machine."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')   # see conftest.py
 
 
 def problem(seed=0, shape=(1, 8, 8), n_classes=3, ipc=2, width=8, depth=2, soft=False, device='cpu'):
