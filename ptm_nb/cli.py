@@ -12,17 +12,9 @@ __all__ = ['atomic_write_text', 'render_readme', 'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #99d9be92
 def atomic_write_text(path, text: str):
-    "Write `text` to `path` through a temporary file and a rename."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f: f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    return path
+    "Write `text` to `path` through a temporary file and a rename (`ptm_nb.data.atomic_write`)."
+    from ptm_nb.data import atomic_write
+    return atomic_write(path, lambda f: f.write(text), 'w')
 
 # %% ../nbs/10_cli.ipynb #5dc7794c
 def render_readme(nb_path='nbs/index.ipynb') -> str:

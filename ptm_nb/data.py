@@ -17,10 +17,10 @@ import yaml
 __all__ = ['SPLITS', 'NPZ_KEYS', 'MEDMNIST_SIZES', 'KINDS', 'CACHE_FORMAT', 'DatasetError', 'data_root', 'cache_root',
            'medmnist_info', 'medmnist_default_root', 'file_digest', 'check_digest', 'fetch_url',
            'project_manifest_path', 'load_manifest', 'resolve_name', 'medmnist_sizes', 'medmnist_file',
-           'medmnist_source', 'dataset_meta', 'npz_headers', 'save_npz_atomic', 'check_npz_layout', 'read_labels',
-           'images_to_tensor', 'channel_mean_std', 'normalise_images', 'MedDataset', 'stratified_split', 'decode_image',
-           'ingest_image_folder', 'locate_npz', 'load_dataset', 'class_indices', 'real_per_class', 'dataset_stats',
-           'dataset_report']
+           'medmnist_source', 'dataset_meta', 'npz_headers', 'atomic_write', 'save_npz_atomic', 'check_npz_layout',
+           'read_labels', 'images_to_tensor', 'channel_mean_std', 'normalise_images', 'MedDataset', 'stratified_split',
+           'decode_image', 'ingest_image_folder', 'locate_npz', 'load_dataset', 'class_indices', 'real_per_class',
+           'dataset_stats', 'dataset_report']
 
 # %% ../nbs/00_data.ipynb #fd43012a
 class DatasetError(ValueError):
@@ -412,16 +412,21 @@ def npz_headers(path) -> dict:
                            f'(np.savez(path, train_images=..., train_labels=..., val_images=..., ...))') from e
     return out
 
-def save_npz_atomic(path, arrays: dict) -> Path:
-    "Write arrays to an npz (uncompressed) through a temporary file in the same folder and os.replace."
+def atomic_write(path, write, mode: str = 'wb') -> Path:
+    """Call `write(fileobj)` on a temporary file in `path`'s folder, then rename it over `path` (atomic on POSIX):
+    a reader sees the old file or the new one, never a torn one. Every file the project writes goes through here."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
     try:
-        with os.fdopen(fd, 'wb') as f: np.savez(f, **arrays)
+        with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f: write(f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
     return path
+
+def save_npz_atomic(path, arrays: dict) -> Path:
+    "Write arrays to an npz (uncompressed) atomically."
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 # %% ../nbs/00_data.ipynb #84c5f36d
 def check_npz_layout(path, headers: dict, meta: dict, size=None) -> dict:

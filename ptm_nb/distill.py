@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from .augment import DSAConfig
+from .data import atomic_write
 from .nets import make_net, functional
 from .unroll import UnrollConfig, SynLR, unroll_student, matching_loss, NonFiniteGuard
 from .ptm import (progressive_target, progressive_steps, split_halves, overlap_loss, intra_class_mmd,
@@ -21,15 +22,7 @@ __all__ = ['SCHEDULES', 'METHODS', 'atomic_torch_save', 'SyntheticSet', 'TMConfi
 # %% ../nbs/07_distill.ipynb #e28fbea4
 def atomic_torch_save(obj, path):
     "torch.save through a temporary file in the same folder and a rename: never a torn file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f: torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 @dataclass
 class SyntheticSet:
@@ -222,9 +215,7 @@ class RunFolder:
             if cfg_path.exists() and json.loads(cfg_path.read_text()) != json.loads(text):
                 raise ValueError(f'{cfg_path} holds another config than this run\'s: the folder belongs to another '
                                  'run; pass another folder or delete this one')
-            if not cfg_path.exists():
-                from ptm_nb.cli import atomic_write_text
-                atomic_write_text(cfg_path, text)
+            if not cfg_path.exists(): atomic_write(cfg_path, lambda f: f.write(text), 'w')
         self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
 
     def log(self, record: dict):
@@ -248,8 +239,7 @@ class RunFolder:
         state = torch.load(p, map_location='cpu', weights_only=False)
         done = state['state']['iteration']
         kept = [r for r in self.metrics() if r.get('iteration', 0) <= done]
-        from ptm_nb.cli import atomic_write_text
-        atomic_write_text(self.path / 'metrics.jsonl', ''.join(json.dumps(r) + '\n' for r in kept))
+        atomic_write(self.path / 'metrics.jsonl', lambda f: f.writelines(json.dumps(r) + '\n' for r in kept), 'w')
         return state
 
     def save_synset(self, synset: SyntheticSet): synset.save(self.path / 'synset.pt')
@@ -258,8 +248,7 @@ class RunFolder:
         return SyntheticSet.load(p) if p.exists() else None
 
     def save_eval(self, result: dict):
-        from ptm_nb.cli import atomic_write_text
-        atomic_write_text(self.path / 'eval.json', json.dumps(result, indent=1, default=float))
+        atomic_write(self.path / 'eval.json', lambda f: json.dump(result, f, indent=1, default=float), 'w')
     def load_eval(self) -> dict | None:
         p = self.path / 'eval.json'
         return json.loads(p.read_text()) if p.exists() else None
