@@ -17,7 +17,7 @@ setuptools.setup(
     classifiers=['Development Status :: ' + cfg['status'] + ' - ' + statuses[int(cfg['status'])],
                  'Intended Audience :: ' + cfg['audience'], 'License :: ' + lic[1],
                  'Natural Language :: ' + cfg['language'], 'Programming Language :: Python :: 3'],
-    url=cfg['git_url'], packages=setuptools.find_packages(include=['ptm_nb', 'ptm_nb.*']),
+    url=cfg['git_url'], packages=setuptools.find_namespace_packages(include=['ptm_nb', 'ptm_nb.*']),
     include_package_data=True, install_requires=requirements,
     extras_require={'dev': dev_requirements}, python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(), long_description_content_type='text/markdown',

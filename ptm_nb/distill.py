@@ -33,10 +33,11 @@ class SyntheticSet:
     n_classes: int
     ipc: int
     provenance: dict = field(default_factory=dict)
+    factors: dict | None = None      # factorised methods: what is stored (and counted), `images` are decoded from it
 
     def __post_init__(self):
         n = self.n_classes * self.ipc
-        if self.images.shape[0] != n or self.labels.shape[0] != n:
+        if self.labels.shape[0] != self.images.shape[0] or (self.factors is None and self.images.shape[0] != n):
             raise ValueError(f'SyntheticSet: {self.n_classes} classes × ipc {self.ipc} = {n} images expected, got '
                              f'{self.images.shape[0]} images and {self.labels.shape[0]} labels')
         if not torch.isfinite(self.images).all(): raise ValueError('SyntheticSet: the images hold non-finite values')
@@ -46,8 +47,10 @@ class SyntheticSet:
     def soft(self) -> bool: return self.labels.is_floating_point()
 
     def save(self, path):
-        return atomic_torch_save({k: (v.detach().cpu() if torch.is_tensor(v) else v)
-                                  for k, v in dataclasses.asdict(self).items()}, path)
+        def cpu(v):
+            if torch.is_tensor(v): return v.detach().cpu()
+            return {k: cpu(x) for k, x in v.items()} if isinstance(v, dict) else v
+        return atomic_torch_save({f.name: cpu(getattr(self, f.name)) for f in dataclasses.fields(self)}, path)
 
     @classmethod
     def load(cls, path): return cls(**torch.load(path, map_location='cpu', weights_only=True))

@@ -112,7 +112,7 @@ def run(spec: RunSpec, root='outputs', data_root=None, progress: bool = True, hp
     synset = folder.load_synset()
     if synset is None:
         experts = experts_for(ds, cfg, root, device, progress) if method.experts else None
-        hp = {**cfg['hp'], 'net': cfg['net'], 'net_options': cfg['net_options']} if method.experts else cfg['hp']
+        hp = {**cfg['hp'], 'net': cfg['net'], 'net_options': cfg['net_options']}   # every method distils for the eval net
         synset = method.fn(ds, cfg['ipc'], hp, experts, cfg['seed'], device, folder, progress)
         synset.provenance.update({'method': cfg['method'], 'dataset': cfg['dataset'], 'run': folder.path.name})
         folder.save_synset(synset)
