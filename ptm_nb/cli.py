@@ -82,6 +82,26 @@ def _cmd_results(args) -> int:
     print(t.to_string(index=False))
     return 0
 
+def _cmd_reproduce(args) -> int:
+    from ptm_nb.report import reproduce, outputs_root
+    datasets = [d for d in (args.datasets or '').split(',') if d.strip()] or None
+    try:
+        statuses = reproduce(args.scale, args.only, datasets, args.out, args.data_root, args.device, args.force,
+                             progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f'ptm-nb reproduce: error: {e}', file=sys.stderr)
+        return 2
+    root = outputs_root(args.out) / args.scale
+    counts = {k: sum(s['status'] == k for s in statuses) for k in ('done', 'skipped', 'failed')}
+    print(f"{counts['done']} notebook(s) run, {counts['skipped']} skipped (finished before), {counts['failed']} failed; "
+          f'index: {root / "README.md"} (tables in {root / "tables"}, figures in {root / "figures"})')
+    failed = [s for s in statuses if s['status'] == 'failed']
+    if failed:
+        print('ptm-nb reproduce: failed: ' + '; '.join(f"{s['notebook']} ({s['error']}; see {s['path']})" for s in failed),
+              file=sys.stderr)
+        return 1
+    return 0
+
 def _cmd_readme(args) -> int:
     text = render_readme(args.notebook)
     if args.check:
@@ -118,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser('results', help='the table of finished runs')
     t.add_argument('--root', default='outputs')
     t.set_defaults(func=_cmd_results)
+    b = sub.add_parser('reproduce', help='run the paper notebooks (tables and figures) through papermill, with resume')
+    b.add_argument('--scale', default='smoke', choices=['smoke', 'quick', 'paper'], help='preset of hparams.yaml')
+    b.add_argument('--only', default=None, help='comma-separated notebooks or prefixes, e.g. table2,fig5 (default: all)')
+    b.add_argument('--datasets', default=None, help='comma-separated datasets for every notebook, e.g. '
+                   'pathmnist,breastmnist (default: each notebook\'s preset; absent ones use their stand-ins)')
+    b.add_argument('--out', default=None, help='outputs folder (default: outputs/ of the repository or $PTM_OUTPUTS)')
+    b.add_argument('--data-root', default=None, help='data root (default: $PTM_DATA_DIR, else medmnist\'s folder)')
+    b.add_argument('--device', default='auto', help='auto (CUDA when present), cpu or cuda')
+    b.add_argument('--force', action='store_true', help='run notebooks again even when finished (runs are still reused)')
+    b.add_argument('--no-progress', action='store_true', help='no progress bar')
+    b.set_defaults(func=_cmd_reproduce)
     r = sub.add_parser('readme', help='write README.md from nbs/index.ipynb (nbdev_readme needs quarto)')
     r.add_argument('--notebook', default='nbs/index.ipynb')
     r.add_argument('--out', default='README.md')

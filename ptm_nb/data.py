@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #c716f6fa
 from __future__ import annotations
-import copy, csv, difflib, fnmatch, hashlib, io, json, os, re, tempfile, warnings, zipfile
+import contextlib, copy, csv, difflib, fnmatch, hashlib, io, json, os, re, tempfile, warnings, zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.request import urlopen
@@ -17,10 +17,10 @@ import yaml
 __all__ = ['SPLITS', 'NPZ_KEYS', 'MEDMNIST_SIZES', 'KINDS', 'CACHE_FORMAT', 'DatasetError', 'data_root', 'cache_root',
            'medmnist_info', 'medmnist_default_root', 'file_digest', 'check_digest', 'fetch_url',
            'project_manifest_path', 'load_manifest', 'resolve_name', 'medmnist_sizes', 'medmnist_file',
-           'medmnist_source', 'dataset_meta', 'npz_headers', 'atomic_write', 'save_npz_atomic', 'check_npz_layout',
-           'read_labels', 'images_to_tensor', 'channel_mean_std', 'normalise_images', 'MedDataset', 'stratified_split',
-           'decode_image', 'ingest_image_folder', 'locate_npz', 'load_dataset', 'class_indices', 'real_per_class',
-           'dataset_stats', 'dataset_report']
+           'medmnist_source', 'dataset_meta', 'npz_headers', 'atomic_write', 'save_npz_atomic', 'file_lock',
+           'check_npz_layout', 'read_labels', 'images_to_tensor', 'channel_mean_std', 'normalise_images', 'MedDataset',
+           'stratified_split', 'decode_image', 'ingest_image_folder', 'locate_npz', 'load_dataset', 'class_indices',
+           'real_per_class', 'limit_train', 'dataset_stats', 'dataset_present', 'dataset_report']
 
 # %% ../nbs/00_data.ipynb #fd43012a
 class DatasetError(ValueError):
@@ -427,6 +427,18 @@ def atomic_write(path, write, mode: str = 'wb') -> Path:
 def save_npz_atomic(path, arrays: dict) -> Path:
     "Write arrays to an npz (uncompressed) atomically."
     return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Hold an exclusive lock on `path` (created if needed) for the `with` block: two processes that would make
+    the same run or the same experts take turns instead of writing over each other (POSIX `flock`; the lock
+    goes away with the process, so a killed holder never leaves it stuck)."""
+    import fcntl
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield path
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/00_data.ipynb #84c5f36d
 def check_npz_layout(path, headers: dict, meta: dict, size=None) -> dict:
@@ -899,6 +911,14 @@ def real_per_class(x: torch.Tensor, y: torch.Tensor, n_classes: int, ipc: int, g
     sel = torch.cat(picks)
     return x[sel], y[sel]
 
+# %% ../nbs/00_data.ipynb #28bab64f
+def limit_train(ds, max_per_class: int | None):
+    "`ds` with at most `max_per_class` training images per class (the first ones, in file order); None: `ds` itself."
+    if not max_per_class: return ds
+    keep = torch.cat([idx[:int(max_per_class)] for idx in class_indices(ds.train_y, ds.n_classes)]).sort().values
+    if len(keep) == len(ds.train_y): return ds
+    return replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep])
+
 # %% ../nbs/00_data.ipynb #06f106a5
 def _label_stats(labels: dict, class_names: list, multi: bool) -> dict:
     counts = {s: (np.asarray(y).sum(0) if multi else np.bincount(np.asarray(y), minlength=len(class_names))).tolist()
@@ -945,6 +965,13 @@ def _expected_paths(entry, meta, root) -> list:
 
 _COLUMNS = ['name', 'table1', 'title', 'modality', 'dims', 'size', 'classes', 'train', 'val', 'test', 'image_shape',
             'majority_class', 'majority_test_acc', 'train_class_counts', 'status', 'source']
+
+def dataset_present(name: str, root=None, manifest=None) -> bool:
+    "Whether the files of dataset `name` (optionally `<name>_<size>`) are under the data root; nothing is read."
+    entries = load_manifest(manifest)
+    key, size = resolve_name(name, entries)
+    paths = _expected_paths(entries[key], dataset_meta(entries[key]), data_root(root))
+    return any(present for s, _, present in paths if size is None or s == size)
 
 def dataset_report(root=None, names=None, manifest=None, include_absent=False, cache_dir=None):
     "Table-1 statistics (a DataFrame) of every manifest dataset present under the root, or of the named ones."

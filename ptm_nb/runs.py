@@ -9,14 +9,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import yaml
-from .data import load_dataset
+from .data import load_dataset, file_lock, limit_train
 from .experts import ExpertConfig, generate_experts
 from .distill import RunFolder, SyntheticSet, get_method, METHODS
 from .train import evaluate_synset
+import importlib, pkgutil
+import ptm_nb.baselines
+
+def register_baselines() -> list[str]:
+    "Import every module of `ptm_nb.baselines` (each registers its methods); returns the module names."
+    names = [m.name for m in pkgutil.iter_modules(ptm_nb.baselines.__path__) if m.name != 'common']
+    for name in names: importlib.import_module(f'ptm_nb.baselines.{name}')
+    return names
+
+register_baselines()        # every method is found by name, whoever imports the runs
 
 # %% auto #0
-__all__ = ['HPARAMS_PATH', 'SCALES', 'load_hparams', 'resolve_device', 'RunSpec', 'run_id', 'RunResult', 'experts_for', 'run',
-           'results_table']
+__all__ = ['HPARAMS_PATH', 'SCALES', 'register_baselines', 'load_hparams', 'resolve_device', 'scale_for', 'RunSpec', 'run_id',
+           'RunResult', 'experts_for', 'run', 'results_table']
 
 # %% ../nbs/08_runs.ipynb #451d031c
 import ptm_nb
@@ -40,6 +50,19 @@ def resolve_device(device: str = 'auto') -> str:
     return device
 
 # %% ../nbs/08_runs.ipynb #778397d0
+def scale_for(scale: dict, dataset: str) -> dict:
+    "A scale's preset with its caps for `dataset` laid over it (dicts merged one level deep, per method group)."
+    over = (scale.get('datasets') or {}).get(dataset) or {}
+    out = {k: v for k, v in scale.items() if k != 'datasets'}
+    for key, value in over.items():
+        base = out.get(key)
+        if key == 'methods':
+            out[key] = {g: {**((base or {}).get(g) or {}), **(value.get(g) or {})} for g in {*(base or {}), *value}}
+        elif isinstance(value, dict) and isinstance(base, dict): out[key] = {**base, **value}
+        else: out[key] = value
+    return out
+
+# %% ../nbs/08_runs.ipynb #f945f12a
 @dataclass
 class RunSpec:
     "What to run. `overrides` replace resolved hyper-parameters (method knobs, or 'eval.epochs', 'experts.n_experts', ...)."
@@ -58,7 +81,7 @@ class RunSpec:
         if self.scale not in hp['scales']: raise ValueError(f'unknown scale {self.scale!r}: choose one of {sorted(hp["scales"])}')
         method = get_method(self.method)
         if not isinstance(self.ipc, int) or self.ipc < 1: raise ValueError(f'ipc={self.ipc!r}: must be an integer >= 1')
-        scale, ds_table = hp['scales'][self.scale], (hp['datasets'].get(self.dataset) or {})
+        scale, ds_table = scale_for(hp['scales'][self.scale], self.dataset), (hp['datasets'].get(self.dataset) or {})
         groups = (['_tm'] if method.experts else []) + [self.method]
         layers = [hp['methods'], ds_table.get('all') or {}, ds_table.get(f'ipc{self.ipc}') or {}, scale.get('methods') or {}]
         knobs = {}
@@ -68,6 +91,8 @@ class RunSpec:
                'net': self.net, 'net_options': dict(scale.get('net_options') or {}),
                'experts': {**(scale.get('experts') or {}), 'kind': method.experts} if method.experts else None,
                'eval': dict(scale['eval']), 'hp': knobs}
+        if scale.get('max_train_per_class'):     # a smoke cap on the training images (absent from other scales' ids)
+            cfg['data'] = {'max_train_per_class': int(scale['max_train_per_class'])}
         for key, value in self.overrides.items():        # 'eval.epochs' → cfg['eval']['epochs']; else a method knob
             head, _, tail = key.partition('.')
             if tail and isinstance(cfg.get(head), dict): cfg[head][tail] = value
@@ -100,32 +125,37 @@ def experts_for(ds, cfg: dict, root, device: str, progress: bool = True):
 
 def run(spec: RunSpec, root='outputs', data_root=None, progress: bool = True, hparams: dict | None = None,
         dataset=None) -> RunResult:
-    "Distill and evaluate `spec` in `root/runs/<run id>/`; a finished run is read back, a stopped one resumes."
+    """Distill and evaluate `spec` in `root/runs/<run id>/`; a finished run is read back, a stopped one resumes.
+    Two processes asking for the same run take turns (a lock on the folder): the second reads the first's result."""
     cfg = spec.resolve(hparams)
     folder = RunFolder(Path(root) / 'runs' / run_id(cfg), cfg)
-    done = folder.load_eval()
-    if done is not None and folder.load_synset() is not None:
-        return RunResult(folder, folder.load_synset(), done)
-    device = resolve_device(spec.device)
-    ds = dataset if dataset is not None else load_dataset(cfg['dataset'], root=data_root)
-    method = get_method(cfg['method'])
-    synset = folder.load_synset()
-    if synset is None:
-        experts = experts_for(ds, cfg, root, device, progress) if method.experts else None
-        hp = {**cfg['hp'], 'net': cfg['net'], 'net_options': cfg['net_options']}   # every method distils for the eval net
-        synset = method.fn(ds, cfg['ipc'], hp, experts, cfg['seed'], device, folder, progress)
-        synset.provenance.update({'method': cfg['method'], 'dataset': cfg['dataset'], 'run': folder.path.name})
-        folder.save_synset(synset)
-    ev = cfg['eval']
-    res = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, net=cfg['net'],
-                          net_options=cfg['net_options'], lr=synset.lr if method.learned_lr else 0.01,
-                          epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=device, n_classes=ds.n_classes)
-    result = {'acc_mean': res.mean, 'acc_std': res.std, 'accs': list(res.accs), 'auc_mean': res.auc_mean,
-              'auc_std': res.auc_std, 'bal_acc_mean': res.bal_acc_mean, 'bal_acc_std': res.bal_acc_std,
-              'lr': synset.lr if method.learned_lr else 0.01, 'nets': ev['nets'], 'epochs': ev['epochs'],
-              'reported_at': 'final epoch', 'device': device}
-    folder.save_eval(result)
-    return RunResult(folder, synset, result)
+    with file_lock(folder.path / '.lock'):
+        done = folder.load_eval()
+        if done is not None and folder.load_synset() is not None:
+            return RunResult(folder, folder.load_synset(), done)
+        device = resolve_device(spec.device)
+        ds = dataset if dataset is not None else load_dataset(cfg['dataset'], root=data_root)
+        ds = limit_train(ds, (cfg.get('data') or {}).get('max_train_per_class'))
+        method = get_method(cfg['method'])
+        synset = folder.load_synset()
+        if synset is None:
+            experts = None
+            if method.experts:
+                with file_lock(Path(root) / 'experts' / '.lock'): experts = experts_for(ds, cfg, root, device, progress)
+            hp = {**cfg['hp'], 'net': cfg['net'], 'net_options': cfg['net_options']}   # every method distils for the eval net
+            synset = method.fn(ds, cfg['ipc'], hp, experts, cfg['seed'], device, folder, progress)
+            synset.provenance.update({'method': cfg['method'], 'dataset': cfg['dataset'], 'run': folder.path.name})
+            folder.save_synset(synset)
+        ev = cfg['eval']
+        res = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, net=cfg['net'],
+                              net_options=cfg['net_options'], lr=synset.lr if method.learned_lr else 0.01,
+                              epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=device, n_classes=ds.n_classes)
+        result = {'acc_mean': res.mean, 'acc_std': res.std, 'accs': list(res.accs), 'auc_mean': res.auc_mean,
+                  'auc_std': res.auc_std, 'bal_acc_mean': res.bal_acc_mean, 'bal_acc_std': res.bal_acc_std,
+                  'lr': synset.lr if method.learned_lr else 0.01, 'nets': ev['nets'], 'epochs': ev['epochs'],
+                  'reported_at': 'final epoch', 'device': device}
+        folder.save_eval(result)
+        return RunResult(folder, synset, result)
 
 # %% ../nbs/08_runs.ipynb #9d6954e1
 def results_table(root='outputs'):
