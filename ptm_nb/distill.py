@@ -8,6 +8,7 @@ import dataclasses, json, math, os, resource, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
+import torch.nn.functional as F
 from .augment import DSAConfig
 from .data import atomic_write
 from .nets import make_net, functional
@@ -16,8 +17,10 @@ from .ptm import (progressive_target, progressive_steps, split_halves, overlap_l
                         ComplementRetrainer)
 
 # %% auto #0
-__all__ = ['SCHEDULES', 'METHODS', 'atomic_torch_save', 'SyntheticSet', 'TMConfig', 'match_window', 'initial_images',
-           'peak_memory_mb', 'distill_tm', 'RunFolder', 'Method', 'register_method', 'get_method', 'random_real']
+__all__ = ['SCHEDULES', 'INITS', 'METHODS', 'atomic_torch_save', 'SyntheticSet', 'TMConfig', 'start_bounds', 'match_window',
+           'initial_images', 'expert_logits', 'soft_labels_from_experts', 'correct_initial_images', 'starting_set',
+           'MemoryMeter', 'peak_memory_mb', 'check_frozen', 'distill_tm', 'RunFolder', 'Method', 'register_method',
+           'get_method', 'random_real']
 
 # %% ../nbs/07_distill.ipynb #e28fbea4
 def atomic_torch_save(obj, path):
@@ -56,17 +59,20 @@ class SyntheticSet:
     def load(cls, path): return cls(**torch.load(path, map_location='cpu', weights_only=True))
 
 # %% ../nbs/07_distill.ipynb #2d6c6695
-SCHEDULES = ('random', 'backend', 'progressive')
+SCHEDULES = ('random', 'backend', 'progressive', 'growing')
+INITS = ('real', 'noise', 'correct')
 
 @dataclass
 class TMConfig:
     "Everything that shapes a trajectory-matching run."
     iterations: int = 200
-    schedule: str = 'random'            # where the student starts/aims: 'random' (MTT) | 'backend' | 'progressive' (PTM)
+    schedule: str = 'random'            # 'random' (MTT) | 'backend' | 'progressive' (PTM) | 'growing' (DATM)
     syn_steps: int = 20                 # N (PTM: N_max, reached at the last stage)
     steps: str = 'fixed'                # PTM: 'proportional' N(t) = max(1, round(N·t/T)) | 'fixed'
     expert_epochs: int = 2              # random/backend: target = start + expert_epochs
     max_start_epoch: int = 4            # random/backend: start ∈ [0, max_start_epoch)
+    min_start_epoch: int = 0            # growing: start ∈ [min_start_epoch, upper); upper grows linearly over the run ...
+    max_start_epoch_final: int | None = None  # ... from max_start_epoch to this (None: no growth)
     backend_p: float = 0.5              # backend: probability of a start in the back half of the window
     max_target_epoch: int = 4           # progressive: T, the last target epoch
     n_experts: int | None = None        # use the first n experts of the buffer (None: all)
@@ -76,7 +82,12 @@ class TMConfig:
     img_momentum: float = 0.5
     lr_momentum: float = 0.5
     batch_syn: int | None = None        # student minibatch (None: every image each step)
-    init: str = 'real'                  # 'real' (random real images of each class) | 'noise'
+    init: str = 'real'                  # 'real' (random real images of each class) | 'noise' | 'correct' (DATM)
+    soft_labels: bool = False           # DATM: learn (n, C) label logits, started from the experts' logits
+    label_epoch: int = -1               # the expert epoch whose logits judge 'correct' and start soft labels (-1: last)
+    lr_label: float = 2.0               # soft labels: SGD lr (DATM's lr_y) ...
+    label_momentum: float = 0.9         # ... and momentum (DATM's Momentum_y)
+    max_match_loss: float | None = None # DATM: skip the update when the matching loss exceeds this (None: never)
     beta_match: float = 1.0             # β1
     beta_overlap: float = 0.0           # β2 (PTM's overlap term, Eq. 4)
     sigma: float | str = 'median'       # kernel width of the overlap term
@@ -89,22 +100,39 @@ class TMConfig:
     dsa: str = 'color_crop_cutout_flip_scale_rotate'   # DSA strategy in the student ('none': off)
     log_every: int = 1
     checkpoint_every: int = 25
+    snapshots: int = 10                 # sets kept along the run (`snapshots/iter_<k>.pt`; Figures 1b and 3): 0 for none
 
     def __post_init__(self):
         def bad(name, why): raise ValueError(f'TMConfig.{name}={getattr(self, name)!r}: {why}')
         if self.schedule not in SCHEDULES: bad('schedule', f'choose one of {SCHEDULES}')
         if self.iterations < 1: bad('iterations', 'must be >= 1')
-        if self.init not in ('real', 'noise'): bad('init', "choose 'real' or 'noise'")
+        if self.init not in INITS: bad('init', f'choose one of {INITS}')
         if not 0 <= self.backend_p <= 1: bad('backend_p', 'is a probability in [0, 1]')
         if not 0 <= self.ema_decay < 1: bad('ema_decay', 'must be in [0, 1)')
         if self.schedule == 'progressive' and self.max_target_epoch < 1: bad('max_target_epoch', 'must be >= 1')
+        if self.schedule == 'growing' and not 0 <= self.min_start_epoch < self.max_start_epoch:
+            bad('min_start_epoch', f'must be in [0, max_start_epoch={self.max_start_epoch})')
+        if self.max_start_epoch_final is not None and self.max_start_epoch_final < self.max_start_epoch:
+            bad('max_start_epoch_final', f'must be >= max_start_epoch={self.max_start_epoch} (or None)')
+        if not self.lr_label > 0: bad('lr_label', 'must be > 0')
+        if not 0 <= self.label_momentum < 1: bad('label_momentum', 'must be in [0, 1)')
+        if self.max_match_loss is not None and not self.max_match_loss > 0: bad('max_match_loss', 'must be > 0 or None')
 
     def epochs_needed(self) -> int:
-        "The expert epochs the run reads: the largest target epoch."
+        "The expert epochs the run reads: the largest target epoch (and the label epoch, when one is read)."
         if self.schedule == 'progressive': return self.max_target_epoch
-        return self.max_start_epoch - 1 + self.expert_epochs
+        last_start = start_bounds(self.iterations - 1, self)[1] - 1
+        reads_labels = (self.soft_labels or self.init == 'correct') and self.label_epoch >= 0
+        return max(last_start + self.expert_epochs, self.label_epoch if reads_labels else 0)
 
 # %% ../nbs/07_distill.ipynb #8c149c7a
+def start_bounds(iteration: int, cfg: TMConfig) -> tuple[int, int]:
+    "[lo, hi) of the start epoch at `iteration` for the 'random'/'backend' window, or DATM's growing one."
+    if cfg.schedule != 'growing': return 0, cfg.max_start_epoch
+    final = cfg.max_start_epoch if cfg.max_start_epoch_final is None else cfg.max_start_epoch_final
+    grown = (final - cfg.max_start_epoch) * iteration // max(1, cfg.iterations - 1)
+    return cfg.min_start_epoch, cfg.max_start_epoch + grown
+
 def match_window(iteration: int, cfg: TMConfig, generator: torch.Generator) -> tuple[int, int, int]:
     "(start epoch, target epoch, student steps) of `iteration`."
     if cfg.schedule == 'progressive':
@@ -112,6 +140,8 @@ def match_window(iteration: int, cfg: TMConfig, generator: torch.Generator) -> t
         return 0, t, progressive_steps(t, cfg.max_target_epoch, cfg.syn_steps, cfg.steps)
     if cfg.schedule == 'random':
         start = int(torch.randint(cfg.max_start_epoch, (1,), generator=generator))
+    elif cfg.schedule == 'growing':
+        start = int(torch.randint(*start_bounds(iteration, cfg), (1,), generator=generator))
     else:
         half = cfg.max_start_epoch // 2
         back = bool(torch.rand((), generator=generator) < cfg.backend_p)
@@ -134,17 +164,102 @@ def initial_images(train_x, train_y, n_classes: int, ipc: int, init: str, genera
         picks.append(idx[torch.randperm(len(idx), generator=generator)[:ipc]])
     return train_x[torch.cat(picks).to(train_x.device)].clone(), labels.to(train_x.device)
 
+# %% ../nbs/07_distill.ipynb #a9741a46
+def expert_logits(fnet, experts, n_experts: int, epoch: int, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    "(n_experts, len(x), C) logits of the first `n_experts` experts at `epoch` (-1: their last epoch) on `x`."
+    epoch = experts.epochs if epoch < 0 else epoch
+    with torch.no_grad():
+        return torch.stack([torch.cat([fnet(experts.snapshot(k, epoch, x.device), xb) for xb in x.split(batch)])
+                            for k in range(n_experts)])
+
+def soft_labels_from_experts(logits: torch.Tensor, classes: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
+    "(n, C) label logits: the mean logits (K, n, C) of the experts that classify each image correctly, else smoothed one-hot."
+    correct = (logits.argmax(-1) == classes).unsqueeze(-1)                  # (K, n, 1)
+    n_correct = correct.sum(0)
+    mean = (logits * correct).sum(0) / n_correct.clamp_min(1)
+    fallback = (F.one_hot(classes, logits.shape[-1]) * (1 - smoothing) + smoothing / logits.shape[-1]).log()
+    return torch.where(n_correct > 0, mean, fallback)
+
+def correct_initial_images(train_x, train_y, n_classes: int, ipc: int, logits_of, generator: torch.Generator,
+                           chunk: int = 256):
+    "Class-major (images, labels, shortfall {class: images found}): per class, ipc real images some expert gets right."
+    picks, shortfall = [], {}
+    for c in range(n_classes):
+        idx = (train_y == c).nonzero().flatten().cpu()
+        if len(idx) < ipc:
+            raise ValueError(f'class {c} has {len(idx)} training images, fewer than ipc={ipc}: lower ipc to at most '
+                             f'{len(idx)} or use init="noise"')
+        order, chosen = idx[torch.randperm(len(idx), generator=generator)], []
+        for part in order.split(chunk):
+            right = (logits_of(train_x[part.to(train_x.device)]).argmax(-1) == c).any(0).cpu()
+            chosen += part[right].tolist()[:ipc - len(chosen)]
+            if len(chosen) == ipc: break
+        if len(chosen) < ipc:                                                # too few: fill in, and say so
+            shortfall[c], taken = len(chosen), set(chosen)
+            chosen += [i for i in order.tolist() if i not in taken][:ipc - len(chosen)]
+        picks.append(torch.tensor(chosen, dtype=torch.long))
+    labels = torch.arange(n_classes).repeat_interleave(ipc).to(train_x.device)
+    return train_x[torch.cat(picks).to(train_x.device)].clone(), labels, shortfall
+
+def starting_set(ds, cfg: TMConfig, ipc: int, generator: torch.Generator, logits_of):
+    "(images, labels, notes) the loop starts from; labels are (n, C) logits when `cfg.soft_labels`, else class indices."
+    notes = {}
+    if cfg.init == 'correct':
+        images, labels, notes['init_shortfall'] = correct_initial_images(ds.train_x, ds.train_y, ds.n_classes, ipc,
+                                                                          logits_of, generator)
+    else: images, labels = initial_images(ds.train_x, ds.train_y, ds.n_classes, ipc, cfg.init, generator)
+    if cfg.soft_labels:
+        logits = logits_of(images)
+        labels = soft_labels_from_experts(logits, labels.to(logits.device))
+        notes['labels'] = 'probabilities: the softmax of the learned label logits'
+    return images, labels, notes
+
 # %% ../nbs/07_distill.ipynb #41f786f2
+class MemoryMeter:
+    """Peak memory of one stretch of work, in MB: on CUDA the allocator's peak; on a CPU the process's peak resident
+    set (VmHWM), which Linux lets a process reset (`/proc/self/clear_refs`), so each iteration gets its own peak.
+    Where the reset is not allowed it falls back to the process's peak so far (and says so in `resettable`)."""
+    def __init__(self, device):
+        self.device = torch.device(device); self.cuda = self.device.type == 'cuda'; self.resettable = True
+        self.reset()
+
+    def reset(self):
+        if self.cuda: torch.cuda.reset_peak_memory_stats(self.device); return
+        try: Path('/proc/self/clear_refs').write_text('5')
+        except OSError: self.resettable = False
+
+    def peak_mb(self) -> float:
+        if self.cuda: return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            with open('/proc/self/status') as f:
+                for line in f:
+                    if line.startswith('VmHWM:'): return int(line.split()[1]) / 1024
+        except OSError: pass
+        return peak_memory_mb(self.device)
+
 def peak_memory_mb(device) -> float:
     "Peak memory of the run so far, in MB (CUDA allocator peak, else the process's max RSS)."
     if torch.device(device).type == 'cuda': return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 # %% ../nbs/07_distill.ipynb #07ab9200
+def check_frozen(frozen, images: torch.Tensor, labels: torch.Tensor, device):
+    "The frozen (images, labels) on `device`, checked against the images and labels being learned."
+    fx, fy = frozen
+    if tuple(fx.shape[1:]) != tuple(images.shape[1:]) or len(fx) != len(fy):
+        raise ValueError(f'frozen images {tuple(fx.shape)} with {len(fy)} labels: expected one label per image of '
+                         f'shape {tuple(images.shape[1:])}, as the synthetic images')
+    if fy.is_floating_point() != labels.is_floating_point() or fy.shape[1:] != labels.shape[1:]:
+        raise ValueError(f'frozen labels are {fy.dtype} {tuple(fy.shape)} but the learned ones {labels.dtype} '
+                         f'{tuple(labels.shape)}: give hard labels with hard labels, (n, C) logits with soft labels')
+    return fx.detach().to(device, images.dtype), fy.detach().to(device, labels.dtype)
+
+# %% ../nbs/07_distill.ipynb #712a80c2
 def distill_tm(ds, experts, cfg: TMConfig, ipc: int, seed: int = 0, device='cpu', run=None,
                net: str = 'convnet', net_options: dict | None = None, progress: bool = True,
-               on_iteration=None) -> SyntheticSet:
-    "Trajectory matching on `ds` against the expert buffer `experts`; returns the distilled `SyntheticSet`."
+               on_iteration=None, frozen=None) -> SyntheticSet:
+    """Trajectory matching on `ds` against the expert buffer `experts`; returns the distilled `SyntheticSet`.
+    `frozen` = (images, labels) join every student minibatch without being updated (SeqMatch's earlier subsets)."""
     from tqdm.auto import tqdm
     device = torch.device(device)
     C, n_experts = ds.n_classes, cfg.n_experts or len(experts)
@@ -152,39 +267,57 @@ def distill_tm(ds, experts, cfg: TMConfig, ipc: int, seed: int = 0, device='cpu'
     fnet = functional(make_net(net, ds.image_shape, C, torch.Generator().manual_seed(seed), device=device,
                                **(net_options or {})))
     ucfg = UnrollConfig(syn_steps=cfg.syn_steps, batch_syn=cfg.batch_syn, backward=cfg.backward, lr_param=cfg.lr_param,
-                        dsa=None if cfg.dsa == 'none' else DSAConfig(strategy=cfg.dsa))
+                        dsa=None if cfg.dsa == 'none' else DSAConfig(strategy=cfg.dsa), soft_labels=cfg.soft_labels,
+                        soft_target='logits')
     gen = torch.Generator().manual_seed(seed)
-    images, labels = initial_images(ds.train_x, ds.train_y, C, ipc, cfg.init, gen)
-    images = images.to(device).requires_grad_(True); labels = labels.to(device)
+    images, labels, notes = starting_set(ds, cfg, ipc, gen, lambda x: expert_logits(fnet, experts, n_experts,
+                                                                                   cfg.label_epoch, x.to(device)))
+    images = images.to(device).requires_grad_(True); labels = labels.to(device).requires_grad_(cfg.soft_labels)
+    fx, fy = (None, None) if frozen is None else check_frozen(frozen, images, labels, device)
     syn_lr = SynLR.from_config(cfg.lr_init or experts.config['lr'], ucfg, device=device)
     opt_img = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.img_momentum)
     opt_lr = torch.optim.SGD(syn_lr.parameters(), lr=syn_lr.raw_lr_for(cfg.lr_lr), momentum=cfg.lr_momentum)
+    opt_label = torch.optim.SGD([labels], lr=cfg.lr_label, momentum=cfg.label_momentum) if cfg.soft_labels else None
+    optimisers = [opt_img, opt_lr] + ([opt_label] if cfg.soft_labels else [])
+    learned = {'images': images, 'syn_lr': syn_lr, **({'labels': labels} if cfg.soft_labels else {})}
     _, complement = split_halves(C, ipc)
     retrainer = ComplementRetrainer(cfg.iterations, cfg.retrain_k if cfg.beta_overlap or cfg.retrain_k else 0, complement)
     ema = images.detach().clone() if cfg.ema_decay else None
-    guard, state = NonFiniteGuard(), {'iteration': 0, 'wall_s': 0.0}
+    guard, state, gated = NonFiniteGuard(), {'iteration': 0, 'wall_s': 0.0}, 0
     saved = run.load_checkpoint() if run is not None else None
     if saved is not None:                                           # resume exactly where the run stopped
         with torch.no_grad(): images.copy_(saved['images'].to(device))
         syn_lr.load_state_dict(saved['syn_lr']); opt_img.load_state_dict(saved['opt_img'])
         opt_lr.load_state_dict(saved['opt_lr']); retrainer.load_state_dict(saved['retrainer'])
         gen.set_state(saved['generator']); ema = None if saved['ema'] is None else saved['ema'].to(device)
-        guard.skipped, state = saved['skipped'], saved['state']
+        guard.skipped, state, gated = saved['skipped'], saved['state'], saved.get('gated', 0)
+        if cfg.soft_labels:
+            with torch.no_grad(): labels.copy_(saved['labels'].to(device))
+            opt_label.load_state_dict(saved['opt_label'])
+    def current():   # the set as it stands: the EMA for FTD, soft labels as probabilities
+        final = ema if ema is not None else images.detach()
+        return SyntheticSet(final.cpu().clone(), (labels.detach().softmax(-1) if cfg.soft_labels else labels).cpu(),
+                            syn_lr.item(), C, ipc, {'schedule': cfg.schedule, 'iterations': cfg.iterations,
+                                                    'skipped': guard.skipped, 'gated': gated, 'wall_s': state['wall_s'],
+                                                    'seed': seed, **notes})
+    meter, snapshot_every = MemoryMeter(device), max(1, cfg.iterations // cfg.snapshots) if cfg.snapshots else 0
     bar = tqdm(range(state['iteration'], cfg.iterations), desc=f'{cfg.schedule} ipc={ipc}', disable=not progress,
                initial=state['iteration'], total=cfg.iterations)
     for it in bar:
-        t0 = time.perf_counter()
+        t0 = time.perf_counter(); meter.reset()
         k = int(torch.randint(n_experts, (1,), generator=gen))
         start, target, N = match_window(it, cfg, gen)
         theta_start, theta_target = experts.snapshot(k, start, device), experts.snapshot(k, target, device)
-        theta_N = unroll_student(fnet, theta_start, images, labels, syn_lr(),
-                                 dataclasses.replace(ucfg, syn_steps=N), generator=gen)
+        x, y = (images, labels) if frozen is None else (torch.cat([fx, images]), torch.cat([fy, labels]))
+        theta_N = unroll_student(fnet, theta_start, x, y, syn_lr(), dataclasses.replace(ucfg, syn_steps=N), generator=gen)
         l_match = matching_loss(theta_N, theta_start, theta_target, prune_fraction=cfg.prune_fraction)
         l_overlap = overlap_loss(images, C, ipc, cfg.sigma) if cfg.beta_overlap else torch.zeros((), device=device)
         loss = cfg.beta_match * l_match + cfg.beta_overlap * l_overlap
-        loss.backward()
+        gate = cfg.max_match_loss is not None and float(l_match.detach()) > cfg.max_match_loss   # DATM: too hard
+        if not gate: loss.backward()
         grad_norm = float(images.grad.norm()) if images.grad is not None else float('nan')
-        updated = guard.step(loss, [opt_img, opt_lr], step=it, images=images, syn_lr=syn_lr)   # NaN never lands
+        updated = not gate and guard.step(loss, optimisers, step=it, **learned)   # NaN never lands
+        gated += gate
         if updated:
             retrainer.step(it + 1, images, opt_img if cfg.reset_momentum else None)
             if ema is not None: ema.mul_(cfg.ema_decay).add_(images.detach(), alpha=1 - cfg.ema_decay)
@@ -192,20 +325,20 @@ def distill_tm(ds, experts, cfg: TMConfig, ipc: int, seed: int = 0, device='cpu'
         if run is not None and (it % cfg.log_every == 0 or it + 1 == cfg.iterations):
             run.log({'iteration': it + 1, 'expert': k, 'start': start, 'target': target, 'syn_steps': N,
                      'match_loss': float(l_match.detach()), 'overlap_loss': float(l_overlap.detach()), 'syn_lr': syn_lr.item(),
-                     'grad_norm': grad_norm, 'skipped': guard.skipped, 'updated': updated,
+                     'grad_norm': grad_norm, 'skipped': guard.skipped, 'gated': gated, 'updated': updated,
                      'mmd': intra_class_mmd(images.detach(), C, ipc), 'wall_s': state['wall_s'],
-                     'peak_mb': peak_memory_mb(device)})
+                     'peak_mb': meter.peak_mb()})
         bar.set_postfix(match=f'{float(l_match.detach()):.3f}', lr=f'{syn_lr.item():.2e}', skipped=guard.skipped)
         if run is not None and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations):
             run.save_checkpoint({'images': images.detach().cpu(), 'syn_lr': syn_lr.state_dict(),
                                  'opt_img': opt_img.state_dict(), 'opt_lr': opt_lr.state_dict(),
                                  'retrainer': retrainer.state_dict(), 'generator': gen.get_state(),
-                                 'ema': None if ema is None else ema.cpu(), 'skipped': guard.skipped, 'state': state})
+                                 'ema': None if ema is None else ema.cpu(), 'skipped': guard.skipped, 'state': state,
+                                 'gated': gated, **({'labels': labels.detach().cpu(), 'opt_label': opt_label.state_dict()}
+                                                    if cfg.soft_labels else {})})
+        if run is not None and snapshot_every and (it + 1) % snapshot_every == 0: run.save_snapshot(it + 1, current())
         if on_iteration is not None: on_iteration(it + 1, images, syn_lr)
-    final = ema if ema is not None else images.detach()
-    return SyntheticSet(final.cpu().clone(), labels.cpu(), syn_lr.item(), C, ipc,
-                        {'schedule': cfg.schedule, 'iterations': cfg.iterations, 'skipped': guard.skipped,
-                         'wall_s': state['wall_s'], 'seed': seed})
+    return current()
 
 # %% ../nbs/07_distill.ipynb #3a87d9ae
 class RunFolder:
@@ -244,6 +377,11 @@ class RunFolder:
         kept = [r for r in self.metrics() if r.get('iteration', 0) <= done]
         atomic_write(self.path / 'metrics.jsonl', lambda f: f.writelines(json.dumps(r) + '\n' for r in kept), 'w')
         return state
+
+    def save_snapshot(self, iteration: int, synset: SyntheticSet): synset.save(self.path / 'snapshots' / f'iter_{iteration:06d}.pt')
+    def snapshots(self) -> list[tuple[int, Path]]:
+        "(iteration, path) of the sets saved along the run, in order."
+        return sorted((int(p.stem.split('_')[1]), p) for p in (self.path / 'snapshots').glob('iter_*.pt'))
 
     def save_synset(self, synset: SyntheticSet): synset.save(self.path / 'synset.pt')
     def load_synset(self) -> SyntheticSet | None:

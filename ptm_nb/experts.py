@@ -14,17 +14,44 @@ import torch.nn.functional as F
 
 from .nets import make_net, functional, flat_params
 from .augment import DSAConfig, dsa_draw, dsa_apply
-from .train import TrainConfig, accuracy, fit_stack, predict, pick_engine
+from .train import TrainConfig, accuracy, fit_stack, predict, pick_engine, prepare_targets
 
 # %% auto #0
-__all__ = ['ExpertError', 'ExpertConfig', 'dataset_identity', 'expert_folder', 'expert_seed', 'expert_generators',
-           'loss_and_grad', 'gsam_direction', 'check_dataset', 'init_flat', 'stack_accuracy', 'train_expert',
-           'stackable_config', 'train_experts_stacked', 'expert_path', 'ExpertBuffer', 'read_expert',
+__all__ = ['ExpertError', 'WarmStart', 'ExpertConfig', 'dataset_identity', 'expert_folder', 'expert_seed', 'expert_generators',
+           'loss_and_grad', 'gsam_direction', 'check_dataset', 'init_flat', 'warm_started', 'stack_accuracy',
+           'train_expert', 'stackable_config', 'train_experts_stacked', 'expert_path', 'ExpertBuffer', 'read_expert',
            'generate_experts']
 
 # %% ../nbs/04_experts.ipynb #52bb2be0
 class ExpertError(ValueError):
     "An expert buffer that cannot serve a request, a bad expert configuration, or a diverged expert."
+
+
+@dataclass
+class WarmStart:
+    """Sets an expert trains on, one after the other, before its trajectory is recorded: each `(images, labels, lr)`
+    for `epochs` epochs of the evaluation protocol (`ptm_nb.train.TrainConfig`: SGD momentum 0.9, weight decay 5e-4,
+    lr ×0.1 half-way; DSA when the expert config has it). Labels: class indices or (N, C) soft labels."""
+    sets: list                            # [(images (N, ...), labels (N,) | (N, C), lr), ...] in training order
+    epochs: int = 300
+
+    def __post_init__(self):
+        if not isinstance(self.sets, (list, tuple)) or not self.sets:
+            raise ExpertError('WarmStart.sets must be a non-empty list of (images, labels, lr); for no warm start pass '
+                              'ExpertConfig(warm_start=None)')
+        for i, s in enumerate(self.sets):
+            ok = (len(s) == 3 and torch.is_tensor(s[0]) and torch.is_tensor(s[1]) and len(s[0]) == len(s[1]) > 0
+                  and math.isfinite(float(s[2])) and float(s[2]) > 0)
+            if not ok: raise ExpertError(f'WarmStart.sets[{i}] must be (images, labels, lr): a non-empty image tensor, '
+                                         f'one label per image and a positive lr')
+        if isinstance(self.epochs, bool) or int(self.epochs) != self.epochs or self.epochs < 1:
+            raise ExpertError(f'WarmStart.epochs = {self.epochs!r}: must be an integer >= 1')
+
+    def identity(self) -> dict:
+        "What decides the warm start, JSON-ready: a digest of every set's tensors, their sizes and lrs, the epochs."
+        return {'sha256': _tensor_digest(*(t for x, y, _ in self.sets for t in (x, y))),
+                'sizes': [len(x) for x, _, _ in self.sets], 'lrs': [float(lr) for *_, lr in self.sets],
+                'epochs': int(self.epochs)}
 
 
 @dataclass
@@ -46,6 +73,7 @@ class ExpertConfig:
     alpha: float = 0.3                    # GSAM weight of the orthogonal ascent (FTD: 0.3)
     device: str = 'cpu'
     parallel: int = 1                     # plain experts trained at once as one stacked model (1: one at a time)
+    warm_start: WarmStart | None = None   # SeqMatch: sets trained on before θ_0 is recorded (None: none)
 
     def __post_init__(self):
         checks = [('n_experts', self.n_experts >= 1, 'an integer >= 1'), ('epochs', self.epochs >= 1, 'an integer >= 1'),
@@ -57,11 +85,15 @@ class ExpertConfig:
             if not ok: raise ExpertError(f'ExpertConfig.{name} = {getattr(self, name)!r}: must be {want}')
         if not isinstance(self.net_options, dict):
             raise ExpertError(f'ExpertConfig.net_options = {self.net_options!r}: must be a dict of make_net options')
+        if self.warm_start is not None and not isinstance(self.warm_start, WarmStart):
+            raise ExpertError(f'ExpertConfig.warm_start is a {type(self.warm_start).__name__}: must be a WarmStart or None')
 
     def identity(self) -> dict:
-        "The fields that decide the trajectories (all but `n_experts`, `device`, `parallel`), JSON-ready."
-        d = dataclasses.asdict(self)
-        for k in ('n_experts', 'device', 'parallel'): d.pop(k)
+        """The fields that decide the trajectories (all but `n_experts`, `device`, `parallel`), JSON-ready;
+        `warm_start` (as its digest) only when there is one, so buffers without it keep their folders."""
+        d = dataclasses.asdict(dataclasses.replace(self, warm_start=None))
+        for k in ('n_experts', 'device', 'parallel', 'warm_start'): d.pop(k)
+        if self.warm_start is not None: d['warm_start'] = self.warm_start.identity()
         return json.loads(json.dumps(d, default=str))
 
 # %% ../nbs/04_experts.ipynb #3044f209
@@ -136,6 +168,24 @@ def init_flat(ds, cfg: ExpertConfig, index: int):
     return net, flat_params(net).detach().clone()
 
 
+def warm_started(ds, cfg: ExpertConfig, net, W, indices) -> torch.Tensor:
+    """The initial weights `W` (K, P) of experts `indices` after training on `cfg.warm_start`'s sets in order (each
+    expert shuffles and augments from its own 'warm' stream); `W` itself when there is no warm start."""
+    ws = cfg.warm_start
+    if ws is None: return W
+    dev = torch.device(cfg.device)
+    gens = [torch.Generator().manual_seed(expert_seed(cfg.seed, k, 'warm')) for k in indices]
+    engine = pick_engine(net, batched=len(W) > 1)
+    for i, (x, y, lr) in enumerate(ws.sets):
+        if tuple(x.shape[1:]) != tuple(ds.image_shape):
+            raise ExpertError(f'WarmStart.sets[{i}] holds images of shape {tuple(x.shape[1:])}, but {ds.name} has '
+                              f'{tuple(ds.image_shape)}: warm-start sets must be images of this dataset')
+        targets, _ = prepare_targets(y, len(x), ds.n_classes, what=f'WarmStart.sets[{i}] labels')
+        protocol = TrainConfig(lr=float(lr), epochs=int(ws.epochs), dsa=cfg.dsa_config if cfg.dsa else None)
+        W, _ = fit_stack(net, W, x.to(dev, torch.float32), targets.to(dev), protocol, gens, engine)
+    return W
+
+
 def stack_accuracy(net, W, x, y, batch: int = 1024) -> list:
     """Test accuracy of each of the flat weight vectors `W` (K, P) of `net`, via `ptm_nb.train.predict`.
     Always through the functional net, as the trajectories are used (batch norm: batch statistics)."""
@@ -150,6 +200,7 @@ def train_expert(ds, cfg: ExpertConfig, index: int):
     dev = torch.device(cfg.device)
     gen = expert_generators(cfg, index)['train']
     net, w = init_flat(ds, cfg, index)
+    w = warm_started(ds, cfg, net, w[None], [index])[0]
     f = functional(net)
     x, y = ds.train_x.to(dev), ds.train_y.to(dev)
     tx, ty = ds.test_x.to(dev), ds.test_y.to(dev)
@@ -201,7 +252,7 @@ def train_experts_stacked(ds, cfg: ExpertConfig, indices) -> list:
     t0, dev = time.perf_counter(), torch.device(cfg.device)
     indices = list(indices)
     net = init_flat(ds, cfg, indices[0])[0]
-    W = torch.stack([init_flat(ds, cfg, k)[1] for k in indices])
+    W = warm_started(ds, cfg, net, torch.stack([init_flat(ds, cfg, k)[1] for k in indices]), indices)
     generators = [expert_generators(cfg, k)['train'] for k in indices]
     engine = pick_engine(net, batched=True)
     epoch_cfg = TrainConfig(lr=cfg.lr, epochs=1, batch_size=cfg.batch, momentum=0.0, weight_decay=cfg.weight_decay,
@@ -280,6 +331,9 @@ class ExpertBuffer:
 
     def expert_config(self, **changes) -> ExpertConfig:
         "The `ExpertConfig` this buffer was made with (`n_experts` = its length), with `changes` applied."
+        if 'warm_start' in self.meta['config']:
+            raise ExpertError(f'{self.folder} holds warm-started experts, whose sets meta.json records only by digest: '
+                              'build the ExpertConfig again with the same WarmStart')
         d = {**self.meta['config'], 'n_experts': max(1, len(self))}
         d['dsa_config'] = DSAConfig(**d['dsa_config'])
         return dataclasses.replace(ExpertConfig(**d), **changes)
