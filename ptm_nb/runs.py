@@ -50,16 +50,17 @@ def resolve_device(device: str = 'auto') -> str:
     return device
 
 # %% ../nbs/08_runs.ipynb #778397d0
-def scale_for(scale: dict, dataset: str) -> dict:
-    "A scale's preset with its caps for `dataset` laid over it (dicts merged one level deep, per method group)."
-    over = (scale.get('datasets') or {}).get(dataset) or {}
-    out = {k: v for k, v in scale.items() if k != 'datasets'}
-    for key, value in over.items():
-        base = out.get(key)
-        if key == 'methods':
-            out[key] = {g: {**((base or {}).get(g) or {}), **(value.get(g) or {})} for g in {*(base or {}), *value}}
-        elif isinstance(value, dict) and isinstance(base, dict): out[key] = {**base, **value}
-        else: out[key] = value
+def scale_for(scale: dict, dataset: str, ipc: int | None = None) -> dict:
+    """A scale's preset with its caps for `dataset` (`datasets.<dataset>`), then for `ipc` (`ipc<k>`), laid over it
+    (dicts merged one level deep, per method group)."""
+    out = {k: v for k, v in scale.items() if k != 'datasets' and not k.startswith('ipc')}
+    for over in ((scale.get('datasets') or {}).get(dataset) or {}, scale.get(f'ipc{ipc}') or {}):
+        for key, value in over.items():
+            base = out.get(key)
+            if key == 'methods':
+                out[key] = {g: {**((base or {}).get(g) or {}), **(value.get(g) or {})} for g in {*(base or {}), *value}}
+            elif isinstance(value, dict) and isinstance(base, dict): out[key] = {**base, **value}
+            else: out[key] = value
     return out
 
 # %% ../nbs/08_runs.ipynb #f945f12a
@@ -81,7 +82,7 @@ class RunSpec:
         if self.scale not in hp['scales']: raise ValueError(f'unknown scale {self.scale!r}: choose one of {sorted(hp["scales"])}')
         method = get_method(self.method)
         if not isinstance(self.ipc, int) or self.ipc < 1: raise ValueError(f'ipc={self.ipc!r}: must be an integer >= 1')
-        scale, ds_table = scale_for(hp['scales'][self.scale], self.dataset), (hp['datasets'].get(self.dataset) or {})
+        scale, ds_table = scale_for(hp['scales'][self.scale], self.dataset, self.ipc), (hp['datasets'].get(self.dataset) or {})
         groups = (['_tm'] if method.experts else []) + [self.method]
         layers = [hp['methods'], ds_table.get('all') or {}, ds_table.get(f'ipc{self.ipc}') or {}, scale.get('methods') or {}]
         knobs = {}
