@@ -61,9 +61,11 @@ def _parse_sets(pairs) -> dict:
 def _cmd_distill(args) -> int:
     from ptm_nb.runs import RunSpec, run
     from ptm_nb.data import DatasetError
+    from ptm_nb.report import outputs_root
     spec = RunSpec(args.method, args.dataset, args.ipc, args.scale, args.seed, args.device, args.net, _parse_sets(args.set))
+    root = args.root or outputs_root() / args.scale
     try:
-        res = run(spec, root=args.root, data_root=args.data_root, progress=not args.no_progress)
+        res = run(spec, root=root, data_root=args.data_root, progress=not args.no_progress)
     except (DatasetError, ValueError, FileNotFoundError) as e:
         print(f'ptm-nb distill: error: {e}', file=sys.stderr)
         return 2
@@ -77,8 +79,10 @@ def _cmd_distill(args) -> int:
 
 def _cmd_results(args) -> int:
     from ptm_nb.runs import results_table
-    t = results_table(args.root)
-    if t.empty: print(f'no finished run under {args.root}/runs'); return 0
+    from ptm_nb.report import outputs_root
+    root = args.root or outputs_root()
+    t = results_table(root)
+    if t.empty: print(f'no finished run under {root}'); return 0
     print(t.to_string(index=False))
     return 0
 
@@ -131,12 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument('--net', default='convnet', help='the network distilled for and evaluated on')
     x.add_argument('--set', action='append', metavar='KEY=VALUE', help='override a hyper-parameter (repeatable), '
                    'e.g. --set lr_img=10 --set eval.epochs=50')
-    x.add_argument('--root', default='outputs', help='where runs and experts are written (default: outputs)')
+    x.add_argument('--root', default=None, help='where runs and experts are written (default: outputs/<scale>, '
+                   'shared with `reproduce`)')
     x.add_argument('--data-root', default=None, help='data root (default: $PTM_DATA_DIR, else medmnist\'s folder)')
     x.add_argument('--no-progress', action='store_true', help='no progress bars')
     x.set_defaults(func=_cmd_distill)
     t = sub.add_parser('results', help='the table of finished runs')
-    t.add_argument('--root', default='outputs')
+    t.add_argument('--root', default=None, help='an outputs folder (default: outputs/, every scale)')
     t.set_defaults(func=_cmd_results)
     b = sub.add_parser('reproduce', help='run the paper notebooks (tables and figures) through papermill, with resume')
     b.add_argument('--scale', default='smoke', choices=['smoke', 'quick', 'paper'], help='preset of hparams.yaml')

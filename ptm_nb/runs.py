@@ -160,13 +160,14 @@ def run(spec: RunSpec, root='outputs', data_root=None, progress: bool = True, hp
 
 # %% ../nbs/08_runs.ipynb #9d6954e1
 def results_table(root='outputs'):
-    "A DataFrame of every finished run under `root/runs`."
+    "A DataFrame of every finished run under `root/runs` and `root/<scale>/runs`."
     import pandas as pd
     rows = []
-    for p in sorted((Path(root) / 'runs').glob('*/eval.json')):
+    for p in sorted([*Path(root).glob('runs/*/eval.json'), *Path(root).glob('*/runs/*/eval.json')]):
         f = RunFolder(p.parent); c, e = f.config, f.load_eval()
         rows.append({'method': c['method'], 'dataset': c['dataset'], 'ipc': c['ipc'], 'scale': c['scale'],
-                     'seed': c['seed'], 'net': c['net'], 'acc_mean': e['acc_mean'], 'acc_std': e['acc_std'],
+                     'seed': c['seed'], 'net': c['net'], 'iterations': c['hp'].get('iterations'),
+                     'acc_mean': e['acc_mean'], 'acc_std': e['acc_std'],
                      'auc_mean': e['auc_mean'], 'bal_acc_mean': e['bal_acc_mean'], 'nets': e['nets'],
                      'eval_epochs': e['epochs'], 'lr': e['lr'], 'run': p.parent.name})
     return pd.DataFrame(rows)
