@@ -16,8 +16,8 @@ from .train import evaluate_synset, full_data_baseline, majority_class_accuracy
 
 # %% auto #0
 __all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table', 'Paper',
-           'method_title', 'result_row', 'results_grid', 'snapshot_paths', 'curve', 'write_index', 'paper_notebook',
-           'select_notebooks', 'reproduce']
+           'method_title', 'result_row', 'results_grid', 'curve', 'write_index', 'paper_notebook', 'select_notebooks',
+           'reproduce']
 
 # %% ../nbs/09a_report.ipynb #189ede73
 REPO = Path(ptm_nb.__file__).resolve().parent.parent
@@ -271,15 +271,11 @@ def results_grid(paper: Paper, table: str, datasets, ipcs, methods, reference_ro
     bar.close()
     return pd.DataFrame(rows)
 
-def snapshot_paths(result: RunResult) -> list[tuple[int, Path]]:
-    "(iteration, path) of the run's saved snapshots, in order."
-    return sorted((int(p.stem.split('_')[1]), p) for p in (result.folder.path / 'snapshots').glob('iter_*.pt'))
-
 def curve(paper: Paper, result: RunResult, points: int = 5):
     """Accuracy of the set at up to `points` snapshots of the run (evenly spread, the last always included), with
     the wall-clock seconds of distillation up to each; the final point is the run's own evaluation."""
     import pandas as pd
-    snaps = snapshot_paths(result)
+    snaps = result.folder.snapshots()
     last = result.folder.config['hp'].get('iterations')
     snaps = [(i, p) for i, p in snaps if i != last]
     if points > 1 and snaps:
