@@ -90,8 +90,10 @@ def _cmd_reproduce(args) -> int:
     from ptm_nb.report import reproduce, outputs_root
     datasets = [d for d in (args.datasets or '').split(',') if d.strip()] or None
     try:
+        try: ipcs = [int(i) for i in args.ipcs.split(',') if i.strip()] if args.ipcs else None
+        except ValueError: raise ValueError(f'--ipcs {args.ipcs!r}: give whole numbers separated by commas, e.g. 2,10') from None
         statuses = reproduce(args.scale, args.only, datasets, args.out, args.data_root, args.device, args.force,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, methods=args.methods, ipcs=ipcs)
     except (ValueError, FileNotFoundError) as e:
         print(f'ptm-nb reproduce: error: {e}', file=sys.stderr)
         return 2
@@ -148,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument('--only', default=None, help='comma-separated notebooks or prefixes, e.g. table2,fig5 (default: all)')
     b.add_argument('--datasets', default=None, help='comma-separated datasets for every notebook, e.g. '
                    'pathmnist,breastmnist (default: each notebook\'s preset; absent ones use their stand-ins)')
+    b.add_argument('--methods', default=None, help='comma-separated methods for the tables, e.g. random,mtt,ptm '
+                   '(default: each table\'s preset; the figures keep theirs)')
+    b.add_argument('--ipcs', default=None, help='comma-separated images per class for the tables, e.g. 2 '
+                   '(default: each table\'s preset; the figures keep their single ipc)')
     b.add_argument('--out', default=None, help='outputs folder (default: outputs/ of the repository or $PTM_OUTPUTS)')
     b.add_argument('--data-root', default=None, help='data root (default: $PTM_DATA_DIR, else medmnist\'s folder)')
     b.add_argument('--device', default='auto', help='auto (CUDA when present), cpu or cuda')

@@ -17,7 +17,7 @@ from .train import evaluate_synset, full_data_baseline, majority_class_accuracy
 # %% auto #0
 __all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table', 'Paper',
            'method_title', 'result_row', 'results_grid', 'curve', 'write_index', 'paper_notebook', 'select_notebooks',
-           'reproduce']
+           'check_methods', 'notebook_params', 'reproduce']
 
 # %% ../nbs/09a_report.ipynb #189ede73
 REPO = Path(ptm_nb.__file__).resolve().parent.parent
@@ -354,20 +354,41 @@ def _sha256(path) -> str:
     import hashlib
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
+def check_methods(methods) -> list[str]:
+    "`methods` as a list, each a registered method, in the order given; an unknown one raises, naming the known ones."
+    from ptm_nb.runs import register_baselines
+    register_baselines()
+    methods = [m.strip() for m in (methods.split(',') if isinstance(methods, str) else methods) if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown: raise ValueError(f'--methods {",".join(unknown)}: unknown method; registered: {", ".join(sorted(METHODS))}')
+    return methods
+
+def notebook_params(name: str, common: dict, methods=None, ipcs=None) -> dict:
+    "`common` plus the `methods`/`ipcs` choices, which go to the tables of results (Tables 2-5) only."
+    if not name.startswith('table') or name == 'table1_datasets': return dict(common)
+    return {**common, **{k: v for k, v in (('methods', methods), ('ipcs', ipcs)) if v}}
+
 def reproduce(scale: str = 'smoke', only=None, datasets=None, out=None, data_root=None, device: str = 'auto',
-              force: bool = False, progress: bool = True, log=print) -> list[dict]:
-    "Execute the paper notebooks at `scale`; returns one status per notebook ('done', 'skipped' or 'failed')."
+              force: bool = False, progress: bool = True, log=print, methods=None, ipcs=None) -> list[dict]:
+    """Execute the paper notebooks at `scale`; returns one status per notebook ('done', 'skipped' or 'failed').
+    `datasets` goes to every notebook; `methods` and `ipcs` to Tables 2-5 (the figures keep their own methods and
+    single ipc)."""
     import papermill as pm
     from tqdm.auto import tqdm
     names, base = select_notebooks(only), outputs_root(out)
+    if methods: methods = check_methods(methods)
+    if ipcs:
+        ipcs = [int(i) for i in ipcs]
+        if min(ipcs) < 1: raise ValueError(f'--ipcs {ipcs}: images per class must be positive')
     root = base / scale; (root / 'notebooks').mkdir(parents=True, exist_ok=True)
-    params = {'scale': scale, 'out': str(base), 'device': device, 'progress': False}
-    if data_root is not None: params['data_root'] = str(data_root)
-    if datasets: params['datasets'] = list(datasets)
+    common = {'scale': scale, 'out': str(base), 'device': device, 'progress': False}
+    if data_root is not None: common['data_root'] = str(data_root)
+    if datasets: common['datasets'] = list(datasets)
     statuses = []
     for name in tqdm(names, desc=f'paper notebooks ({scale})', disable=not progress):
         src, nb_dir = paper_notebook(name), root / 'notebooks'
         if not src.exists(): raise FileNotFoundError(f'{src} is missing: restore nbs/paper/ from the repository')
+        params = notebook_params(name, common, methods, ipcs)
         executed, record, stamp_path = nb_dir / f'{name}.ipynb', nb_dir / f'{name}.json', nb_dir / f'{name}.run.json'
         stamp = {'source_sha256': _sha256(src), 'parameters': params}
         if (not force and executed.exists() and record.exists() and stamp_path.exists()

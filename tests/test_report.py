@@ -60,3 +60,11 @@ def test_reproduce_names_the_failing_notebook(tmp_path, data_dir):
 def test_reproduce_rejects_unknown_notebook(tmp_path, data_dir):
     r = _reproduce(tmp_path / 'out', data_dir, '--only', 'table9')
     assert r.returncode == 2 and 'no such paper notebook' in r.stderr
+
+
+def test_reproduce_rejects_unknown_method_and_bad_ipcs(tmp_path, data_dir):
+    r = _reproduce(tmp_path / 'out', data_dir, '--only', 'table2', '--methods', 'ptm,tpm')
+    assert r.returncode == 2 and 'tpm' in r.stderr and 'registered' in r.stderr
+    r = _reproduce(tmp_path / 'out', data_dir, '--only', 'table2', '--ipcs', '2,ten')
+    assert r.returncode == 2 and '--ipcs' in r.stderr
+    assert not (tmp_path / 'out' / 'smoke' / 'notebooks' / 'table2_mnist.ipynb').exists()
