@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import yaml
 from .data import load_dataset, file_lock, limit_train
-from .experts import ExpertConfig, generate_experts
+from .experts import ExpertConfig, generate_experts, expert_folder
 from .distill import RunFolder, SyntheticSet, get_method, METHODS
 from .train import evaluate_synset
 import importlib, pkgutil
@@ -26,7 +26,7 @@ register_baselines()        # every method is found by name, whoever imports the
 
 # %% auto #0
 __all__ = ['HPARAMS_PATH', 'SCALES', 'register_baselines', 'load_hparams', 'resolve_device', 'scale_for', 'RunSpec', 'run_id',
-           'RunResult', 'experts_for', 'run', 'results_table']
+           'RunResult', 'expert_config', 'experts_for', 'run', 'results_table']
 
 # %% ../nbs/08_runs.ipynb #451d031c
 import ptm_nb
@@ -117,12 +117,19 @@ class RunResult:
         e = self.eval
         return f"RESULT acc_mean={e['acc_mean']:.4f} acc_std={e['acc_std']:.4f} run={self.folder.path}"
 
+def expert_config(cfg: dict, device: str) -> ExpertConfig:
+    "The experts a resolved run config asks for."
+    e = cfg['experts']
+    return ExpertConfig(net=cfg['net'], net_options=cfg['net_options'], n_experts=e['n_experts'], epochs=e['epochs'],
+                        seed=e.get('seed', 0), flat=e['kind'] == 'flat', device=device)
+
 def experts_for(ds, cfg: dict, root, device: str, progress: bool = True):
     "The expert buffer a run needs (trained now if it is not there yet)."
-    e = cfg['experts']
-    ecfg = ExpertConfig(net=cfg['net'], net_options=cfg['net_options'], n_experts=e['n_experts'], epochs=e['epochs'],
-                        seed=e.get('seed', 0), flat=e['kind'] == 'flat', device=device)
-    return generate_experts(ds, ecfg, Path(root) / 'experts', progress=progress)
+    ecfg, root = expert_config(cfg, device), Path(root) / 'experts'
+    # one lock per buffer: runs that need the same experts take turns (the second reads what the first trained),
+    # while runs on other buffers (another dataset, FTD's flat experts) train theirs at the same time
+    with file_lock(root / f'{expert_folder(ds, ecfg, root).name}.lock'):
+        return generate_experts(ds, ecfg, root, progress=progress)
 
 def run(spec: RunSpec, root='outputs', data_root=None, progress: bool = True, hparams: dict | None = None,
         dataset=None) -> RunResult:
@@ -142,7 +149,7 @@ def run(spec: RunSpec, root='outputs', data_root=None, progress: bool = True, hp
         if synset is None:
             experts = None
             if method.experts:
-                with file_lock(Path(root) / 'experts' / '.lock'): experts = experts_for(ds, cfg, root, device, progress)
+                experts = experts_for(ds, cfg, root, device, progress)
             hp = {**cfg['hp'], 'net': cfg['net'], 'net_options': cfg['net_options']}   # every method distils for the eval net
             synset = method.fn(ds, cfg['ipc'], hp, experts, cfg['seed'], device, folder, progress)
             synset.provenance.update({'method': cfg['method'], 'dataset': cfg['dataset'], 'run': folder.path.name})

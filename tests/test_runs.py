@@ -1,0 +1,26 @@
+"""Runs share expert buffers through one lock per buffer: runs that need the same experts take turns, runs on
+different buffers do not wait for each other."""
+import threading, time
+from ptm_nb.data import load_dataset, limit_train, file_lock
+from ptm_nb.experts import expert_folder
+from ptm_nb.runs import RunSpec, experts_for, expert_config
+
+
+def test_expert_buffers_are_locked_one_by_one(tmp_path, data_dir):
+    ds = limit_train(load_dataset('breastmnist', root=data_dir), 8)
+    plain, flat = (RunSpec(m, 'breastmnist', 2, 'smoke').resolve() for m in ('mtt', 'ftd'))
+    for c in (plain, flat): c['experts'].update(n_experts=1, epochs=1)
+    lock = lambda cfg: tmp_path / 'experts' / f"{expert_folder(ds, expert_config(cfg, 'cpu'), tmp_path / 'experts').name}.lock"
+    assert lock(plain) != lock(flat)
+    done = {}
+    def make(name, cfg): done[name] = experts_for(ds, cfg, tmp_path, 'cpu', progress=False)
+    with file_lock(lock(plain)):                       # another process holds the plain buffer
+        threads = {n: threading.Thread(target=make, args=(n, c)) for n, c in (('plain', plain), ('flat', flat))}
+        for t in threads.values(): t.start()
+        threads['flat'].join(300)
+        assert 'flat' in done and len(done['flat']) == 1   # the flat buffer did not wait
+        time.sleep(0.5)
+        assert 'plain' not in done                          # the held one waits its turn
+    threads['plain'].join(300)
+    assert 'plain' in done and len(done['plain']) == 1
+    assert done['plain'].folder != done['flat'].folder
