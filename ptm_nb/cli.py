@@ -90,10 +90,8 @@ def _cmd_reproduce(args) -> int:
     from ptm_nb.report import reproduce, outputs_root
     datasets = [d for d in (args.datasets or '').split(',') if d.strip()] or None
     try:
-        try: ipcs = [int(i) for i in args.ipcs.split(',') if i.strip()] if args.ipcs else None
-        except ValueError: raise ValueError(f'--ipcs {args.ipcs!r}: give whole numbers separated by commas, e.g. 2,10') from None
         statuses = reproduce(args.scale, args.only, datasets, args.out, args.data_root, args.device, args.force,
-                             progress=not args.no_progress, methods=args.methods, ipcs=ipcs)
+                             progress=not args.no_progress, methods=args.methods, ipcs=args.ipcs)
     except (ValueError, FileNotFoundError) as e:
         print(f'ptm-nb reproduce: error: {e}', file=sys.stderr)
         return 2

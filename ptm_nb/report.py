@@ -17,7 +17,7 @@ from .train import evaluate_synset, full_data_baseline, majority_class_accuracy
 # %% auto #0
 __all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table', 'Paper',
            'method_title', 'result_row', 'results_grid', 'curve', 'write_index', 'paper_notebook', 'select_notebooks',
-           'check_methods', 'notebook_params', 'reproduce']
+           'check_methods', 'check_ipcs', 'notebook_params', 'reproduce']
 
 # %% ../nbs/09a_report.ipynb #189ede73
 REPO = Path(ptm_nb.__file__).resolve().parent.parent
@@ -363,6 +363,13 @@ def check_methods(methods) -> list[str]:
     if unknown: raise ValueError(f'--methods {",".join(unknown)}: unknown method; registered: {", ".join(sorted(METHODS))}')
     return methods
 
+def check_ipcs(ipcs) -> list[int]:
+    "`ipcs` ('2,10' or [2, 10]) as a list of positive whole numbers; anything else raises, naming the flag."
+    try: out = [int(i) for i in (ipcs.split(',') if isinstance(ipcs, str) else ipcs) if str(i).strip()]
+    except ValueError: out = []
+    if not out or min(out) < 1: raise ValueError(f'--ipcs {ipcs!r}: give positive whole numbers separated by commas, e.g. 2,10')
+    return out
+
 def notebook_params(name: str, common: dict, methods=None, ipcs=None) -> dict:
     "`common` plus the `methods`/`ipcs` choices, which go to the tables of results (Tables 2-5) only."
     if not name.startswith('table') or name == 'table1_datasets': return dict(common)
@@ -377,9 +384,7 @@ def reproduce(scale: str = 'smoke', only=None, datasets=None, out=None, data_roo
     from tqdm.auto import tqdm
     names, base = select_notebooks(only), outputs_root(out)
     if methods: methods = check_methods(methods)
-    if ipcs:
-        ipcs = [int(i) for i in ipcs]
-        if min(ipcs) < 1: raise ValueError(f'--ipcs {ipcs}: images per class must be positive')
+    if ipcs: ipcs = check_ipcs(ipcs)
     root = base / scale; (root / 'notebooks').mkdir(parents=True, exist_ok=True)
     common = {'scale': scale, 'out': str(base), 'device': device, 'progress': False}
     if data_root is not None: common['data_root'] = str(data_root)
