@@ -15,14 +15,18 @@ from .runs import RunSpec, run, load_hparams, resolve_device, RunResult
 from .train import evaluate_synset, full_data_baseline, majority_class_accuracy
 
 # %% auto #0
-__all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table', 'Paper',
-           'method_title', 'result_row', 'results_grid', 'curve', 'write_index', 'paper_notebook', 'select_notebooks',
-           'check_methods', 'check_ipcs', 'notebook_params', 'reproduce']
+__all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'file_sha256', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table',
+           'Paper', 'method_title', 'result_row', 'results_grid', 'curve', 'write_index', 'changed_inputs',
+           'paper_notebook', 'select_notebooks', 'check_methods', 'check_ipcs', 'notebook_params', 'reproduce']
 
 # %% ../nbs/09a_report.ipynb #189ede73
 REPO = Path(ptm_nb.__file__).resolve().parent.parent
 NOTEBOOKS = ('table1_datasets', 'table2_mnist', 'table3_highres', 'table4_cross_arch', 'table5_ipc', 'fig1b_backend',
              'fig3_time_memory', 'fig4_stability', 'fig5_overlap', 'fig6_loss_landscape', 'fig7_tsne')
+
+def file_sha256(path) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 def outputs_root(out=None) -> Path:
     "The outputs folder: `out`, else $PTM_OUTPUTS, else `outputs/` of the repository."
@@ -93,7 +97,16 @@ class Paper:
         self.preset = (self.config.get('presets') or {}).get(scale) or {}
         self.nb_preset = (self.preset.get('notebooks') or {}).get(notebook) or {}
         self.parameters, self.choices, self.absent, self.files, self.missing_methods = {}, [], [], [], []
+        self.inputs = {}                                           # result file read -> its sha256 (see `used`)
         self._loaded, self.t0 = {}, time.time()
+
+    def used(self, *paths):
+        "Record result files this notebook read, with their digests: `reproduce` reruns it when one changes."
+        for p in map(Path, paths):
+            if not p.exists(): continue
+            try: key = p.relative_to(self.root).as_posix()
+            except ValueError: key = str(p.resolve())              # outside this scale's folder: kept absolute
+            self.inputs[key] = file_sha256(p)
 
     def param(self, name: str, value=None, default=None):
         "`value` when given, else this scale's preset for the notebook, else `default`; recorded for the index."
@@ -127,8 +140,10 @@ class Paper:
         "Distil and evaluate (or read back) one run under `outputs/<scale>/runs`."
         spec = RunSpec(method, choice.used_name, int(ipc), self.scale, self.seed if seed is None else seed,
                        self.device, net, overrides)
-        return run(spec, root=self.root, data_root=self.data_root, progress=self.progress, hparams=self.hp,
-                   dataset=choice.ds)
+        res = run(spec, root=self.root, data_root=self.data_root, progress=self.progress, hparams=self.hp,
+                  dataset=choice.ds)
+        self.used(res.folder.path / 'synset.pt', res.folder.path / 'eval.json')
+        return res
 
     def reported(self, table: str, choice: Choice, ipc=None, method=None, net=None):
         "The paper's value for a cell of `table` (None where it reports none)."
@@ -143,7 +158,7 @@ class Paper:
         """The run's synthetic set evaluated on another architecture `net` (Table 4), with the scale's evaluation
         protocol; cached in the run folder as `eval_<net>.json`."""
         path = result.folder.path / f'eval_{net}.json'
-        if path.exists(): return json.loads(path.read_text())
+        if path.exists(): self.used(path); return json.loads(path.read_text())
         cfg, ds = result.folder.config, self._loaded[result.folder.config['dataset']]
         options = cfg['net_options'] if net == cfg['net'] else (self.preset.get('arch_options') or {}).get(net) or {}
         s, ev = result.synset, cfg['eval']
@@ -154,6 +169,7 @@ class Paper:
                'auc_mean': res.auc_mean, 'bal_acc_mean': res.bal_acc_mean, 'nets': ev['nets'], 'epochs': ev['epochs'],
                'reported_at': 'final epoch'}
         atomic_write(path, lambda f: json.dump(out, f, indent=1, default=float), 'w')
+        self.used(path)
         return out
 
     def full_data(self, choice: Choice, net: str = 'convnet') -> dict:
@@ -165,7 +181,7 @@ class Paper:
                           'max_train_per_class': cap}, sort_keys=True)
         import hashlib
         path = self.root / 'full_data' / f'{choice.used_name}-{net}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.json'
-        if path.exists(): return json.loads(path.read_text())
+        if path.exists(): self.used(path); return json.loads(path.read_text())
         ds = limit_train(choice.ds, self.hp['scales'][self.scale].get('max_train_per_class'))
         res = full_data_baseline(ds, epochs=fd['epochs'], K=fd['nets'], seed=self.seed, net=net, net_options=options,
                                  device=self.device)
@@ -173,6 +189,7 @@ class Paper:
                'nets': fd['nets'], 'epochs': fd['epochs'], 'reported_at': 'final epoch', 'config': json.loads(key)}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: json.dump(out, f, indent=1, default=float), 'w')
+        self.used(path)
         return out
 
     def majority(self, choice: Choice) -> float:
@@ -221,6 +238,7 @@ class Paper:
                   'datasets': [{'paper': c.paper_name, 'used': c.used_name, 'label': c.label, 'stand_in': c.stand_in}
                                for c in self.choices],
                   'absent': self.absent, 'missing_methods': self.missing_methods,
+                  'inputs': dict(sorted(self.inputs.items())),
                   'files': sorted({str(p.relative_to(self.root)) for p in self.files}),
                   'preset': {'net_options': s.get('net_options'), 'experts': s.get('experts'), 'eval': s.get('eval'),
                              'methods': s.get('methods')},
@@ -295,6 +313,7 @@ def curve(paper: Paper, result: RunResult, points: int = 5):
                                 seed=cfg['seed'], device=paper.device, n_classes=ds.n_classes)
             e = {'acc_mean': r.mean, 'acc_std': r.std}
             atomic_write(cache, lambda f: json.dump(e, f), 'w')
+        paper.used(cache)
         rows.append({'iteration': it, 'wall_s': wall.get(it), 'acc_mean': e['acc_mean'], 'acc_std': e['acc_std']})
     final_it = max(wall) if wall else last
     rows.append({'iteration': final_it, 'wall_s': wall.get(final_it), 'acc_mean': result.eval['acc_mean'],
@@ -335,6 +354,12 @@ def write_index(root) -> Path:
     atomic_write(path, lambda fh: fh.write('\n'.join(lines) + '\n'), 'w')
     return path
 
+# %% ../nbs/09a_report.ipynb #28cc976b
+def changed_inputs(record: dict, root) -> list[str]:
+    "The result files a finished notebook read (its record's `inputs`) that are gone or differ from what it read."
+    return [p for p, digest in (record.get('inputs') or {}).items()
+            if not (Path(root) / p).exists() or file_sha256(Path(root) / p) != digest]
+
 # %% ../nbs/09a_report.ipynb #c4db7b7f
 def paper_notebook(name: str) -> Path: return REPO / 'nbs' / 'paper' / f'{name}.ipynb'
 
@@ -349,10 +374,6 @@ def select_notebooks(only=None) -> list[str]:
                                       f'(or their prefixes: {", ".join(n.split("_")[0] for n in NOTEBOOKS)})')
         chosen += [h for h in hits if h not in chosen]
     return [n for n in NOTEBOOKS if n in chosen]
-
-def _sha256(path) -> str:
-    import hashlib
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 def check_methods(methods) -> list[str]:
     "`methods` as a list, each a registered method, in the order given; an unknown one raises, naming the known ones."
@@ -395,11 +416,14 @@ def reproduce(scale: str = 'smoke', only=None, datasets=None, out=None, data_roo
         if not src.exists(): raise FileNotFoundError(f'{src} is missing: restore nbs/paper/ from the repository')
         params = notebook_params(name, common, methods, ipcs)
         executed, record, stamp_path = nb_dir / f'{name}.ipynb', nb_dir / f'{name}.json', nb_dir / f'{name}.run.json'
-        stamp = {'source_sha256': _sha256(src), 'parameters': params}
+        stamp = {'source_sha256': file_sha256(src), 'parameters': params}
         if (not force and executed.exists() and record.exists() and stamp_path.exists()
                 and json.loads(stamp_path.read_text()) == stamp):
-            statuses.append({'notebook': name, 'status': 'skipped', 'path': str(executed)}); log(f'{name}: finished before, skipped')
-            continue
+            changed = changed_inputs(json.loads(record.read_text()), root)
+            if not changed:
+                statuses.append({'notebook': name, 'status': 'skipped', 'path': str(executed)}); log(f'{name}: finished before, skipped')
+                continue
+            log(f'{name}: {len(changed)} result file(s) it read changed since it ran ({changed[0]}{", ..." if len(changed) > 1 else ""}); running it again')
         partial, t0 = nb_dir / f'{name}.partial.ipynb', time.time()
         try:
             pm.execute_notebook(str(src), str(partial), parameters=params, kernel_name='python3',

@@ -48,6 +48,15 @@ def test_reproduce_writes_skips_and_resumes(tmp_path, data_dir):
     assert r.returncode == 0 and '0 notebook(s) run, 2 skipped' in r.stdout, r.stdout + r.stderr
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert time.time() - t0 < 60
+    # 4. a run the figure read is removed: the figure is out of date, so it runs again and the run is re-made
+    record = json.loads((nb / 'fig4_stability.json').read_text())
+    run_dirs = sorted({Path(f).parent for f in record['inputs'] if f.startswith('runs/')})
+    assert run_dirs, record['inputs']
+    gone = out / 'smoke' / run_dirs[0]
+    import shutil; shutil.rmtree(gone)
+    r = _reproduce(out, data_dir, '--only', 'table1,fig4')
+    assert r.returncode == 0 and '1 notebook(s) run, 1 skipped' in r.stdout, r.stdout + r.stderr
+    assert 'fig4_stability: 2 result file(s) it read changed' in r.stdout and (gone / 'eval.json').exists()
 
 
 def test_reproduce_names_the_failing_notebook(tmp_path, data_dir):
