@@ -11,7 +11,7 @@ import torch
 import ptm_nb
 from .data import load_dataset, load_manifest, resolve_name, dataset_meta, dataset_present, atomic_write, limit_train
 from .distill import RunFolder, SyntheticSet, METHODS
-from .runs import RunSpec, run, load_hparams, resolve_device, RunResult
+from .runs import RunSpec, run, load_hparams, resolve_device, RunResult, scale_for
 from .train import evaluate_synset, full_data_baseline, majority_class_accuracy
 
 # %% auto #0
@@ -172,17 +172,23 @@ class Paper:
         self.used(path)
         return out
 
+    def scale_preset(self, choice: Choice | None = None) -> dict:
+        "This scale's preset, with its caps for `choice`'s dataset laid over it (as its runs resolve them)."
+        s = self.hp['scales'][self.scale]
+        return scale_for(s, choice.used_name) if choice is not None else {k: v for k, v in s.items() if k != 'datasets'}
+
     def full_data(self, choice: Choice, net: str = 'convnet') -> dict:
-        "The full-real-data row: nets trained on the whole training split (the scale's `full_data` preset); cached."
+        """The full-real-data row: nets trained on the whole training split (the scale's `full_data` preset), with
+        the network the dataset's runs are evaluated with (its caps, e.g. a narrower 3D ConvNet); cached."""
         fd = self.preset.get('full_data') or {'epochs': 30, 'nets': 3}
-        options = dict(self.hp['scales'][self.scale].get('net_options') or {})
-        cap = self.hp['scales'][self.scale].get('max_train_per_class')
+        preset = self.scale_preset(choice)
+        options, cap = dict(preset.get('net_options') or {}), preset.get('max_train_per_class')
         key = json.dumps({'dataset': choice.used_name, 'net': net, 'options': options, **fd, 'seed': self.seed,
                           'max_train_per_class': cap}, sort_keys=True)
         import hashlib
         path = self.root / 'full_data' / f'{choice.used_name}-{net}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.json'
         if path.exists(): self.used(path); return json.loads(path.read_text())
-        ds = limit_train(choice.ds, self.hp['scales'][self.scale].get('max_train_per_class'))
+        ds = limit_train(choice.ds, cap)
         res = full_data_baseline(ds, epochs=fd['epochs'], K=fd['nets'], seed=self.seed, net=net, net_options=options,
                                  device=self.device)
         out = {'acc_mean': res.mean, 'acc_std': res.std, 'auc_mean': res.auc_mean, 'bal_acc_mean': res.bal_acc_mean,
@@ -205,11 +211,15 @@ class Paper:
 
     def protocol_note(self, reported: bool = True) -> str:
         "The evaluation protocol of this scale, as every table states it (and what the brackets hold)."
-        s = self.hp['scales'][self.scale]
+        s = self.scale_preset()
         e, o = s['eval'], s.get('net_options') or {}
+        # a dataset with its own caps (e.g. the narrower 3D ConvNet) says so, for its rows and its full-data row
+        own = [f"{c.used_name}: {c_o}" for c in self.choices
+               if (c_o := self.scale_preset(c).get('net_options') or {}) != o]
         return (f"Accuracy (%) on the real test split of {e['nets']} freshly initialised nets trained on each set for "
-                f"{e['epochs']} epochs, mean ± std at the **final epoch** (not the best); ConvNet options {o}; "
-                f"scale `{self.scale}`." + (" In brackets: the value the paper reports." if reported else ''))
+                f"{e['epochs']} epochs, mean ± std at the **final epoch** (not the best); ConvNet options {o}"
+                + (f" ({'; '.join(own)})" if own else '') + f"; scale `{self.scale}`."
+                + (" In brackets: the value the paper reports." if reported else ''))
 
     def save_table(self, long, name: str, wide=None, title: str = '', notes=()) -> list[Path]:
         "`long` as CSV and `wide` (default: `long`) as Markdown with a title and notes, atomically."
