@@ -174,8 +174,7 @@ class Paper:
 
     def scale_preset(self, choice: Choice | None = None) -> dict:
         "This scale's preset, with its caps for `choice`'s dataset laid over it (as its runs resolve them)."
-        s = self.hp['scales'][self.scale]
-        return scale_for(s, choice.used_name) if choice is not None else {k: v for k, v in s.items() if k != 'datasets'}
+        return scale_for(self.hp['scales'][self.scale], choice.used_name if choice is not None else None)
 
     def full_data(self, choice: Choice, net: str = 'convnet') -> dict:
         """The full-real-data row: nets trained on the whole training split (the scale's `full_data` preset), with
