@@ -164,7 +164,8 @@ class Paper:
         s, ev = result.synset, cfg['eval']
         res = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, net=net, net_options=options,
                               lr=result.eval['lr'], epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'],
-                              device=self.device, n_classes=ds.n_classes)
+                              device=self.device, n_classes=ds.n_classes,
+                              checkpoint=path.with_name(f'eval_{net}_checkpoint.pt'))
         out = {'net': net, 'net_options': options, 'acc_mean': res.mean, 'acc_std': res.std, 'accs': list(res.accs),
                'auc_mean': res.auc_mean, 'bal_acc_mean': res.bal_acc_mean, 'nets': ev['nets'], 'epochs': ev['epochs'],
                'reported_at': 'final epoch'}
@@ -319,7 +320,8 @@ def curve(paper: Paper, result: RunResult, points: int = 5):
             s, ev = SyntheticSet.load(path), cfg['eval']
             r = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, net=cfg['net'], net_options=cfg['net_options'],
                                 lr=s.lr if METHODS[cfg['method']].learned_lr else 0.01, epochs=ev['epochs'], K=ev['nets'],
-                                seed=cfg['seed'], device=paper.device, n_classes=ds.n_classes)
+                                seed=cfg['seed'], device=paper.device, n_classes=ds.n_classes,
+                                checkpoint=path.with_name(f'eval_checkpoint_{path.stem}.pt'))   # not iter_*: no snapshot
             e = {'acc_mean': r.mean, 'acc_std': r.std}
             atomic_write(cache, lambda f: json.dump(e, f), 'w')
         paper.used(cache)

@@ -157,7 +157,8 @@ def run(spec: RunSpec, root='outputs', data_root=None, progress: bool = True, hp
         ev = cfg['eval']
         res = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, net=cfg['net'],
                               net_options=cfg['net_options'], lr=synset.lr if method.learned_lr else 0.01,
-                              epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=device, n_classes=ds.n_classes)
+                              epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=device, n_classes=ds.n_classes,
+                              checkpoint=folder.path / 'eval_checkpoint.pt')   # a killed evaluation resumes
         result = {'acc_mean': res.mean, 'acc_std': res.std, 'accs': list(res.accs), 'auc_mean': res.auc_mean,
                   'auc_std': res.auc_std, 'bal_acc_mean': res.bal_acc_mean, 'bal_acc_std': res.bal_acc_std,
                   'lr': synset.lr if method.learned_lr else 0.01, 'nets': ev['nets'], 'epochs': ev['epochs'],

@@ -5,6 +5,7 @@
 # %% ../nbs/03_train.ipynb #f5d1af85
 from __future__ import annotations
 import hashlib, math, time
+from pathlib import Path
 from dataclasses import dataclass, field, replace, asdict
 import torch
 import torch.nn as nn
@@ -12,14 +13,14 @@ import torch.nn.functional as F
 from torch.func import vmap, grad_and_value
 from .nets import make_net, functional, flat_params, load_flat, ConvNet, LeNet, AlexNet
 from .augment import DSAConfig, DSADraw, dsa_draw, dsa_apply
-from .data import real_per_class
+from .data import real_per_class, atomic_write
 
 # %% auto #0
-__all__ = ['SOFT_TARGETS', 'ENGINES', 'CPU_STACK_MAX_BATCH', 'stream_seed', 'stream_generator', 'accuracy', 'balanced_accuracy',
-           'roc_auc', 'auc_ovr', 'majority_class_accuracy', 'test_metrics', 'prepare_targets', 'TrainConfig',
-           'stackable', 'StackedNet', 'has_buffers', 'pick_engine', 'make_grad_fn', 'predict', 'augment_stack',
-           'fit_stack', 'TrainResult', 'train_net', 'EvalResult', 'evaluate_synset', 'random_real_baseline',
-           'full_data_baseline']
+__all__ = ['SOFT_TARGETS', 'ENGINES', 'CPU_STACK_MAX_BATCH', 'EVAL_CHECKPOINT_EVERY_S', 'stream_seed', 'stream_generator',
+           'accuracy', 'balanced_accuracy', 'roc_auc', 'auc_ovr', 'majority_class_accuracy', 'test_metrics',
+           'prepare_targets', 'TrainConfig', 'stackable', 'StackedNet', 'has_buffers', 'pick_engine', 'make_grad_fn',
+           'predict', 'augment_stack', 'fit_stack', 'TrainResult', 'train_net', 'EvalResult', 'evaluate_synset',
+           'random_real_baseline', 'full_data_baseline']
 
 # %% ../nbs/03_train.ipynb #ab9ccd1f
 def stream_seed(seed: int, *keys) -> int:
@@ -276,10 +277,20 @@ def augment_stack(X: torch.Tensor, dsa: DSAConfig, generators: list, grouped: bo
         out[rows] = dsa_apply(X[rows].flatten(0, 1), joint).view(len(nets), *X.shape[1:])
     return out
 
+EVAL_CHECKPOINT_EVERY_S = 60.   # how often an evaluation with a checkpoint file saves its state (seconds)
+
+def _fit_key(W, x, cfg, generators) -> dict:
+    "What a checkpoint of `fit_stack` must agree on with the call that resumes it."
+    return {'K': len(W), 'P': W.shape[1], 'data': list(x.shape), 'epochs': cfg.epochs, 'lr': cfg.lr,
+            'batch_size': cfg.batch_size, 'generators': len(generators)}
+
 def fit_stack(net: nn.Module, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-              generators: list, engine: str) -> tuple[torch.Tensor, torch.Tensor]:
+              generators: list, engine: str, checkpoint=None, checkpoint_every_s: float = 60.) -> tuple[torch.Tensor, torch.Tensor]:
     """Train the K nets `W` (K, P) on `x`, `y` (shared, or one set per net with a leading K) with the protocol `cfg`;
-    returns the final parameters (K, P) and the mean training loss of every epoch (K, epochs)."""
+    returns the final parameters (K, P) and the mean training loss of every epoch (K, epochs).
+    With a `checkpoint` path the state at the end of an epoch (parameters, momentum, losses and the generators'
+    states) is saved there atomically every `checkpoint_every_s` seconds and at the end, and a call that finds the
+    file resumes from it: an interrupted training finishes with the numbers an uninterrupted one gives."""
     K = len(W)
     if len(generators) != K: raise ValueError(f"fit_stack: {len(generators)} generators for {K} nets")
     per_net = x.ndim == len(net.in_shape) + 2
@@ -288,7 +299,16 @@ def fit_stack(net: nn.Module, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
     W, velocity = W.detach().clone(), None
     rows = torch.arange(K, device=W.device).unsqueeze(1)
     losses = torch.zeros(K, cfg.epochs, device=W.device)
-    for epoch in range(cfg.epochs):
+    start, key = 0, _fit_key(W, x, cfg, generators)
+    if checkpoint is not None and Path(checkpoint).exists():
+        st = torch.load(checkpoint, map_location=W.device, weights_only=False)
+        if st['key'] != key:
+            raise ValueError(f"{checkpoint}: a training checkpoint of another setup ({st['key']}, this one is {key}); "
+                             f"delete the file to start this training afresh")
+        start, W, velocity, losses = st['epoch'], st['W'], st['velocity'], st['losses']
+        for g, s in zip(generators, st['generators']): g.set_state(s)
+    last_save = time.perf_counter()
+    for epoch in range(start, cfg.epochs):
         lr = cfg.lr_at(epoch)
         order = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(W.device)
         for idx in order.split(cfg.batch_size, dim=1):              # (K, B): net k's minibatch
@@ -300,6 +320,10 @@ def fit_stack(net: nn.Module, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                 velocity = G if velocity is None else velocity.mul_(cfg.momentum).add_(G)
                 W.add_(velocity, alpha=-lr)
                 losses[:, epoch] += loss * (idx.shape[1] / n)
+        if checkpoint is not None and (epoch + 1 == cfg.epochs or time.perf_counter() - last_save >= checkpoint_every_s):
+            state = {'key': key, 'epoch': epoch + 1, 'W': W, 'velocity': velocity, 'losses': losses,
+                     'generators': [g.get_state() for g in generators]}
+            atomic_write(checkpoint, lambda f: torch.save(state, f)); last_save = time.perf_counter()
     return W, losses
 
 # %% ../nbs/03_train.ipynb #da0e84ed
@@ -409,10 +433,13 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Te
                     net: str = 'convnet', net_options: dict | None = None, lr: float = 0.01, epochs: int = 1000,
                     K: int = 10, seed: int = 0, batched: bool = True, dsa: DSAConfig | None = DSAConfig(),
                     device=None, *, batch_size: int = 256, n_classes: int | None = None, cfg: TrainConfig | None = None,
-                    engine: str = 'auto', keep_params: bool = False, label: str = '') -> EvalResult:
+                    engine: str = 'auto', keep_params: bool = False, label: str = '', checkpoint=None,
+                    checkpoint_every_s: float | None = None) -> EvalResult:
     """Train K fresh `net`s on (`images`, `labels`) and test them on (`test_x`, `test_y`) at the final epoch.
     `images` may hold one set per net, (K, N, ...) with labels (K, N[, C]). `cfg` (if given) supplies the other
-    protocol knobs; `lr`, `epochs`, `batch_size` and `dsa` always apply."""
+    protocol knobs; `lr`, `epochs`, `batch_size` and `dsa` always apply. With a `checkpoint` path the training
+    saves its state there now and then (`fit_stack`) and an interrupted evaluation resumes from it; the file is
+    removed once the nets are tested. `checkpoint_every_s` defaults to `EVAL_CHECKPOINT_EVERY_S`."""
     K = _as_int(K, 'K')
     cfg = replace(cfg or TrainConfig(), lr=float(lr), epochs=_as_int(epochs, 'epochs'), batch_size=batch_size, dsa=dsa)
     _check_images(test_x, 'test_x')
@@ -446,15 +473,21 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Te
     if engine == 'stacked' and not stackable(nets[0]): raise ValueError(f"{net} is not stackable: use engine='vmap'")
     t0 = time.perf_counter()
     W0 = torch.stack([flat_params(n) for n in nets])
+    if checkpoint_every_s is None: checkpoint_every_s = EVAL_CHECKPOINT_EVERY_S
+    # one checkpoint for the stack, or one per net when they train one at a time
+    ckpts = [None] * K if checkpoint is None else [Path(checkpoint)] if engine in ('vmap', 'stacked') else \
+            [Path(checkpoint).with_name(f'{Path(checkpoint).stem}.net{k}{Path(checkpoint).suffix}') for k in range(K)]
     if engine in ('vmap', 'stacked'):
-        W, losses = fit_stack(nets[0], W0, x, y, cfg, gens, engine)
+        W, losses = fit_stack(nets[0], W0, x, y, cfg, gens, engine, ckpts[0], checkpoint_every_s)
         logits = predict(nets[0], W, test_x, engine, cfg.eval_batch)
     else:                                                            # one net at a time
-        out = [fit_stack(nets[k], W0[k:k + 1], x[k] if per_net else x, y[k] if per_net else y, cfg, [gens[k]], engine)
-               for k in range(K)]
+        out = [fit_stack(nets[k], W0[k:k + 1], x[k] if per_net else x, y[k] if per_net else y, cfg, [gens[k]], engine,
+                         ckpts[k], checkpoint_every_s) for k in range(K)]
         W, losses = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
         logits = torch.cat([predict(nets[k], W[k:k + 1], test_x, engine, cfg.eval_batch) for k in range(K)])
     metrics = [test_metrics(lg, test_y) for lg in logits]
+    for c in ckpts:
+        if c is not None: c.unlink(missing_ok=True)
     return EvalResult(accs=[m['acc'] for m in metrics], aucs=[m['auc'] for m in metrics],
                       bal_accs=[m['bal_acc'] for m in metrics], epochs=cfg.epochs, seconds=time.perf_counter() - t0,
                       engine=engine + ('' if engine in ('vmap', 'stacked') else ' (one net at a time)'), lr=cfg.lr,

@@ -1,5 +1,5 @@
 """Runs share expert buffers through one lock per buffer: runs that need the same experts take turns, runs on
-different buffers do not wait for each other."""
+different buffers do not wait for each other. A run killed while it evaluates resumes its evaluation."""
 import threading, time
 from ptm_nb.data import load_dataset, limit_train, file_lock
 from ptm_nb.experts import expert_folder
@@ -24,3 +24,27 @@ def test_expert_buffers_are_locked_one_by_one(tmp_path, data_dir):
     threads['plain'].join(300)
     assert 'plain' in done and len(done['plain']) == 1
     assert done['plain'].folder != done['flat'].folder
+
+
+def test_a_killed_evaluation_resumes_to_the_same_numbers(tmp_path, data_dir, monkeypatch):
+    import pytest, torch
+    import ptm_nb.train as train
+    from ptm_nb.runs import run
+    ds = load_dataset('breastmnist', root=data_dir)
+    spec = RunSpec('random', 'breastmnist', 2, 'smoke', device='cpu')
+    whole = run(spec, root=tmp_path / 'whole', dataset=ds, progress=False)
+    monkeypatch.setattr(train, 'EVAL_CHECKPOINT_EVERY_S', 0.)          # save after every epoch
+    lr_at = train.TrainConfig.lr_at
+    def killed_at_epoch_4(self, epoch):
+        if epoch == 4: raise KeyboardInterrupt('simulated kill')
+        return lr_at(self, epoch)
+    monkeypatch.setattr(train.TrainConfig, 'lr_at', killed_at_epoch_4)
+    with pytest.raises(KeyboardInterrupt): run(spec, root=tmp_path / 'killed', dataset=ds, progress=False)
+    [ckpt] = (tmp_path / 'killed').glob('runs/*/eval_checkpoint.pt')
+    assert torch.load(ckpt, weights_only=False)['epoch'] == 4 and not (ckpt.parent / 'eval.json').exists()
+    def from_epoch_4_on(self, epoch):                                    # a restart would visit epoch 0 again
+        if epoch < 4: raise AssertionError(f'the evaluation started over (epoch {epoch})')
+        return lr_at(self, epoch)
+    monkeypatch.setattr(train.TrainConfig, 'lr_at', from_epoch_4_on)
+    resumed = run(spec, root=tmp_path / 'killed', dataset=ds, progress=False)
+    assert resumed.eval == whole.eval and resumed.eval['epochs'] > 4 and not ckpt.exists()
