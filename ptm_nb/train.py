@@ -285,7 +285,8 @@ def _fit_key(W, x, cfg, generators) -> dict:
             'batch_size': cfg.batch_size, 'generators': len(generators)}
 
 def fit_stack(net: nn.Module, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-              generators: list, engine: str, checkpoint=None, checkpoint_every_s: float = 60.) -> tuple[torch.Tensor, torch.Tensor]:
+              generators: list, engine: str, checkpoint=None,
+              checkpoint_every_s: float = EVAL_CHECKPOINT_EVERY_S) -> tuple[torch.Tensor, torch.Tensor]:
     """Train the K nets `W` (K, P) on `x`, `y` (shared, or one set per net with a leading K) with the protocol `cfg`;
     returns the final parameters (K, P) and the mean training loss of every epoch (K, epochs).
     With a `checkpoint` path the state at the end of an epoch (parameters, momentum, losses and the generators'
