@@ -12,12 +12,13 @@ import ptm_nb
 from .data import load_dataset, load_manifest, resolve_name, dataset_meta, dataset_present, atomic_write, limit_train
 from .distill import RunFolder, SyntheticSet, METHODS
 from .runs import RunSpec, run, load_hparams, resolve_device, RunResult, scale_for
-from .train import evaluate_synset, full_data_baseline, majority_class_accuracy
+from .train import evaluate_synset, full_data_epochs, full_data_baseline, majority_class_accuracy
 
 # %% auto #0
 __all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'file_sha256', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table',
-           'Paper', 'method_title', 'result_row', 'results_grid', 'curve', 'write_index', 'changed_inputs',
-           'paper_notebook', 'select_notebooks', 'check_methods', 'check_ipcs', 'notebook_params', 'reproduce']
+           'Paper', 'method_title', 'result_row', 'results_grid', 'curve', 'full_data_note', 'write_index',
+           'changed_inputs', 'paper_notebook', 'select_notebooks', 'check_methods', 'check_ipcs', 'notebook_params',
+           'reproduce']
 
 # %% ../nbs/09a_report.ipynb #189ede73
 REPO = Path(ptm_nb.__file__).resolve().parent.parent
@@ -178,8 +179,8 @@ class Paper:
         return scale_for(self.hp['scales'][self.scale], choice.used_name if choice is not None else None)
 
     def full_data(self, choice: Choice, net: str = 'convnet') -> dict:
-        """The full-real-data row: nets trained on the whole training split (the scale's `full_data` preset), with
-        the network the dataset's runs are evaluated with (its caps, e.g. a narrower 3D ConvNet); cached."""
+        """The full-real-data row: nets trained on the whole training split (the scale's `full_data` preset: `nets`,
+        `epochs`, raised to `min_steps` SGD steps on a small split), with the network the dataset's runs are evaluated with (its caps, e.g. a narrower 3D ConvNet); cached."""
         fd = self.preset.get('full_data') or {'epochs': 30, 'nets': 3}
         preset = self.scale_preset(choice)
         options, cap = dict(preset.get('net_options') or {}), preset.get('max_train_per_class')
@@ -190,9 +191,10 @@ class Paper:
         if path.exists(): self.used(path); return json.loads(path.read_text())
         ds = limit_train(choice.ds, cap)
         res = full_data_baseline(ds, epochs=fd['epochs'], K=fd['nets'], seed=self.seed, net=net, net_options=options,
-                                 device=self.device)
+                                 device=self.device, min_steps=fd.get('min_steps', 0))
         out = {'acc_mean': res.mean, 'acc_std': res.std, 'auc_mean': res.auc_mean, 'bal_acc_mean': res.bal_acc_mean,
-               'nets': fd['nets'], 'epochs': fd['epochs'], 'reported_at': 'final epoch', 'config': json.loads(key)}
+               'nets': fd['nets'], 'epochs': res.epochs, 'reported_at': 'final epoch', 'device': self.device,
+               'seconds': round(res.seconds, 1), 'config': json.loads(key)}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: json.dump(out, f, indent=1, default=float), 'w')
         self.used(path)
@@ -330,6 +332,14 @@ def curve(paper: Paper, result: RunResult, points: int = 5):
     rows.append({'iteration': final_it, 'wall_s': wall.get(final_it), 'acc_mean': result.eval['acc_mean'],
                  'acc_std': result.eval['acc_std']})
     return pd.DataFrame(rows)
+
+# %% ../nbs/09a_report.ipynb #6ab64e5a
+def full_data_note(long) -> str:
+    "What the full-real-data rows of a long table trained: nets × epochs per dataset (more epochs on a small split)."
+    full = long[long.method == method_title('full')].drop_duplicates('used') if len(long) else long
+    if not len(full): return ''
+    parts = [f"{r.used}: {int(r.nets)} nets × {int(r.epochs)} epochs" for r in full.itertuples()]
+    return 'Full real data: the whole training split, ' + '; '.join(parts) + ', final epoch.'
 
 # %% ../nbs/09a_report.ipynb #1a7c83e2
 def write_index(root) -> Path:

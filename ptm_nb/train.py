@@ -20,7 +20,7 @@ __all__ = ['SOFT_TARGETS', 'ENGINES', 'CPU_STACK_MAX_BATCH', 'EVAL_CHECKPOINT_EV
            'accuracy', 'balanced_accuracy', 'roc_auc', 'auc_ovr', 'majority_class_accuracy', 'test_metrics',
            'prepare_targets', 'TrainConfig', 'stackable', 'StackedNet', 'has_buffers', 'pick_engine', 'make_grad_fn',
            'predict', 'augment_stack', 'fit_stack', 'TrainResult', 'train_net', 'EvalResult', 'evaluate_synset',
-           'random_real_baseline', 'full_data_baseline']
+           'random_real_baseline', 'full_data_epochs', 'full_data_baseline']
 
 # %% ../nbs/03_train.ipynb #ab9ccd1f
 def stream_seed(seed: int, *keys) -> int:
@@ -509,9 +509,20 @@ def random_real_baseline(ds, ipc: int, draws: int = 5, K: int = 1, seed: int = 0
                            device, n_classes=ds.n_classes,
                            label=f'random real, ipc {ipc} ({draws} draws x {K} net{"s" if K > 1 else ""})', **kw)
 
+def full_data_epochs(n_train: int, epochs: int, min_steps: int = 0, batch_size: int = 256) -> int:
+    """`epochs`, raised where needed so that a net takes at least `min_steps` SGD steps of `batch_size` images
+    (the last, smaller batch of an epoch counts as a step)."""
+    steps_per_epoch = math.ceil(_as_int(n_train, 'n_train') / _as_int(batch_size, 'batch_size'))
+    return max(_as_int(epochs, 'epochs'), math.ceil(min_steps / steps_per_epoch))
+
 def full_data_baseline(ds, epochs: int = 30, K: int = 3, seed: int = 0, net: str = 'convnet',
                        net_options: dict | None = None, lr: float = 0.01, batched: bool = True,
-                       dsa: DSAConfig | None = DSAConfig(), device=None, **kw) -> EvalResult:
-    "`K` nets trained on the whole real training split of `ds`, tested at the final epoch."
+                       dsa: DSAConfig | None = DSAConfig(), device=None, min_steps: int = 0, batch_size: int = 256,
+                       **kw) -> EvalResult:
+    """`K` nets trained on the whole real training split of `ds`, tested at the final epoch. `min_steps` raises
+    `epochs` on a small split, so that these nets are not trained for fewer steps than the synthetic sets' nets
+    (300 epochs of one batch at quick scale) and the row stays the ceiling it is meant to be."""
+    epochs = full_data_epochs(len(ds.train_y), epochs, min_steps, batch_size)
     return evaluate_synset(ds.train_x, ds.train_y, ds.test_x, ds.test_y, net, net_options, lr, epochs, K, seed,
-                           batched, dsa, device, n_classes=ds.n_classes, label='full real data', **kw)
+                           batched, dsa, device, batch_size=batch_size, n_classes=ds.n_classes,
+                           label='full real data', **kw)
