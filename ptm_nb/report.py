@@ -457,6 +457,7 @@ def reproduce(scale: str = 'smoke', only=None, datasets=None, out=None, data_roo
             log(f'{name}: FAILED after {time.time() - t0:.0f} s ({statuses[-1]["error"]}); executed cells: {failed}')
             continue
         os.replace(partial, executed)
+        (nb_dir / f'{name}.failed.ipynb').unlink(missing_ok=True)   # an earlier failure's copy would now mislead
         atomic_write(stamp_path, lambda f: json.dump(stamp, f, indent=1), 'w')
         statuses.append({'notebook': name, 'status': 'done', 'path': str(executed), 'seconds': round(time.time() - t0, 1)})
         log(f'{name}: done in {time.time() - t0:.0f} s -> {executed}')

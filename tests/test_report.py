@@ -77,3 +77,12 @@ def test_reproduce_rejects_unknown_method_and_bad_ipcs(tmp_path, data_dir):
     r = _reproduce(tmp_path / 'out', data_dir, '--only', 'table2', '--ipcs', '2,ten')
     assert r.returncode == 2 and '--ipcs' in r.stderr
     assert not (tmp_path / 'out' / 'smoke' / 'notebooks' / 'table2_mnist.ipynb').exists()
+
+
+def test_reproduce_removes_the_failed_copy_once_the_notebook_runs(tmp_path, data_dir):
+    failed = tmp_path / 'out' / 'smoke' / 'notebooks' / 'table1_datasets.failed.ipynb'
+    r = _reproduce(tmp_path / 'out', data_dir, '--only', 'table1', '--datasets', 'no_such_dataset')
+    assert r.returncode == 1 and "unknown dataset(s) ['no_such_dataset']" in r.stderr and failed.exists()
+    r = _reproduce(tmp_path / 'out', data_dir, '--only', 'table1')
+    assert r.returncode == 0 and not failed.exists(), r.stdout + r.stderr
+    assert (tmp_path / 'out' / 'smoke' / 'notebooks' / 'table1_datasets.ipynb').exists()
