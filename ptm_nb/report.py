@@ -67,12 +67,15 @@ def cell(mean: float, std: float, reported: float | None = None) -> str:
     text = f'{100 * mean:.2f}' + ('' if std is None or (isinstance(std, float) and math.isnan(std)) else f' ± {100 * std:.2f}')
     return text + (f' [{reported:.2f}]' if reported is not None and not (isinstance(reported, float) and math.isnan(reported)) else '')
 
-def wide_table(long, rows: str = 'method', columns=('dataset', 'ipc'), row_order=None):
-    "The paper's layout of a long result table: one row per `rows`, one column per `columns` combination."
+def wide_table(long, rows: str = 'method', columns=('dataset', 'ipc'), row_order=None, value: str = 'acc_mean'):
+    """The paper's layout of a long result table: one row per `rows`, one column per `columns` combination. `value`
+    picks the metric (`acc_mean`, `bal_acc_mean`, `auc_mean`), with its `_std` where the table has one; the paper's
+    value stands in brackets for the accuracy only, the one metric it reports."""
     import pandas as pd
-    long = long.copy()
-    long['cell'] = [cell(m, s, r) for m, s, r in zip(long['acc_mean'], long['acc_std'],
-                                                     long.get('paper', [None] * len(long)))]
+    long, none = long.copy(), [None] * len(long)
+    std = value[:-len('_mean')] + '_std' if value.endswith('_mean') else None
+    long['cell'] = [cell(m, s, r) for m, s, r in zip(long[value], long[std] if std in long else none,
+                                                     long.get('paper', none) if value == 'acc_mean' else none)]
     cols = list(columns)
     long['column'] = [' / '.join(f'ipc {v}' if c == 'ipc' else str(v) for c, v in zip(cols, key))
                       for key in zip(*(long[c] for c in cols))]
@@ -211,14 +214,14 @@ class Paper:
         if self.absent: text += '. Absent (no file and no stand-in present): ' + ', '.join(self.absent)
         return text + '.'
 
-    def protocol_note(self, reported: bool = True) -> str:
-        "The evaluation protocol of this scale, as every table states it (and what the brackets hold)."
+    def protocol_note(self, reported: bool = True, metric: str = 'Accuracy') -> str:
+        "The evaluation protocol of this scale, as every table states it (the `metric`, and what the brackets hold)."
         s = self.scale_preset()
         e, o = s['eval'], s.get('net_options') or {}
         # a dataset with its own caps (e.g. the narrower 3D ConvNet) says so, for its rows and its full-data row
         own = [f"{c.used_name}: {c_o}" for c in self.choices
                if (c_o := self.scale_preset(c).get('net_options') or {}) != o]
-        return (f"Accuracy (%) on the real test split of {e['nets']} freshly initialised nets trained on each set for "
+        return (f"{metric} (%) on the real test split of {e['nets']} freshly initialised nets trained on each set for "
                 f"{e['epochs']} epochs, mean ± std at the **final epoch** (not the best); ConvNet options {o}"
                 + (f" ({'; '.join(own)})" if own else '') + f"; scale `{self.scale}`."
                 + (" In brackets: the value the paper reports." if reported else ''))
@@ -272,7 +275,8 @@ def result_row(paper: Paper, table: str, choice: Choice, ipc: int, method: str, 
     "One long-table row of a finished run (accuracies as fractions, the paper's value in %)."
     e = res.eval
     return {'method': method_title(method), 'dataset': choice.label, 'used': choice.used_name, 'ipc': ipc,
-            'acc_mean': e['acc_mean'], 'acc_std': e['acc_std'], 'auc_mean': e['auc_mean'], 'bal_acc_mean': e['bal_acc_mean'],
+            'acc_mean': e['acc_mean'], 'acc_std': e['acc_std'], 'auc_mean': e['auc_mean'], 'auc_std': e.get('auc_std'),
+            'bal_acc_mean': e['bal_acc_mean'], 'bal_acc_std': e.get('bal_acc_std'),
             'nets': e['nets'], 'epochs': e['epochs'], 'lr': e['lr'],
             'paper': paper.reported(table, choice, ipc, method), 'run': res.folder.path.name, **extra}
 
@@ -296,8 +300,10 @@ def results_grid(paper: Paper, table: str, datasets, ipcs, methods, reference_ro
                              'acc_mean': full['acc_mean'], 'acc_std': full['acc_std'], 'auc_mean': full['auc_mean'],
                              'bal_acc_mean': full['bal_acc_mean'], 'nets': full['nets'], 'epochs': full['epochs'],
                              'paper': paper.reported(table, choice, None, 'full')})
+                # always answering one class: balanced accuracy 1/C (the recall of one class is 1, of the rest 0), AUC 0.5
                 rows.append({'method': method_title('majority'), 'dataset': choice.label, 'used': choice.used_name,
-                             'ipc': ipc, 'acc_mean': maj, 'acc_std': float('nan')})
+                             'ipc': ipc, 'acc_mean': maj, 'acc_std': float('nan'), 'auc_mean': 0.5,
+                             'bal_acc_mean': 1 / choice.ds.n_classes})
     bar.close()
     return pd.DataFrame(rows)
 
