@@ -172,7 +172,7 @@ class Paper:
                               checkpoint=path.with_name(f'eval_{net}_checkpoint.pt'))
         out = {'net': net, 'net_options': options, 'acc_mean': res.mean, 'acc_std': res.std, 'accs': list(res.accs),
                'auc_mean': res.auc_mean, 'bal_acc_mean': res.bal_acc_mean, 'nets': ev['nets'], 'epochs': ev['epochs'],
-               'reported_at': 'final epoch'}
+               'reported_at': 'final epoch', 'device': self.device}
         atomic_write(path, lambda f: json.dump(out, f, indent=1, default=float), 'w')
         self.used(path)
         return out
@@ -183,7 +183,8 @@ class Paper:
 
     def full_data(self, choice: Choice, net: str = 'convnet') -> dict:
         """The full-real-data row: nets trained on the whole training split (the scale's `full_data` preset: `nets`,
-        `epochs`, raised to `min_steps` SGD steps on a small split), with the network the dataset's runs are evaluated with (its caps, e.g. a narrower 3D ConvNet); cached."""
+        `epochs`, raised to `min_steps` SGD steps on a small split), with the network the dataset's runs are
+        evaluated with (its caps, e.g. a narrower 3D ConvNet); cached."""
         fd = self.preset.get('full_data') or {'epochs': 30, 'nets': 3}
         preset = self.scale_preset(choice)
         options, cap = dict(preset.get('net_options') or {}), preset.get('max_train_per_class')
