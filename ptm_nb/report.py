@@ -12,7 +12,7 @@ import ptm_nb
 from .data import load_dataset, load_manifest, resolve_name, dataset_meta, dataset_present, atomic_write, limit_train
 from .distill import RunFolder, SyntheticSet, METHODS
 from .runs import RunSpec, run, load_hparams, resolve_device, RunResult, scale_for
-from .train import evaluate_synset, full_data_epochs, full_data_baseline, majority_class_accuracy
+from .train import evaluate_synset, full_data_baseline, majority_class_accuracy
 
 # %% auto #0
 __all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'file_sha256', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table',
