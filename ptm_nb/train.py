@@ -433,7 +433,8 @@ def _as_int(v, what, low=1):
 def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                     net: str = 'convnet', net_options: dict | None = None, lr: float = 0.01, epochs: int = 1000,
                     K: int = 10, seed: int = 0, batched: bool = True, dsa: DSAConfig | None = DSAConfig(),
-                    device=None, *, batch_size: int = 256, n_classes: int | None = None, cfg: TrainConfig | None = None,
+                    device=None, *, batch_size: int = TrainConfig.batch_size, n_classes: int | None = None,
+                    cfg: TrainConfig | None = None,
                     engine: str = 'auto', keep_params: bool = False, label: str = '', checkpoint=None,
                     checkpoint_every_s: float | None = None) -> EvalResult:
     """Train K fresh `net`s on (`images`, `labels`) and test them on (`test_x`, `test_y`) at the final epoch.
@@ -509,7 +510,8 @@ def random_real_baseline(ds, ipc: int, draws: int = 5, K: int = 1, seed: int = 0
                            device, n_classes=ds.n_classes,
                            label=f'random real, ipc {ipc} ({draws} draws x {K} net{"s" if K > 1 else ""})', **kw)
 
-def full_data_epochs(n_train: int, epochs: int, min_steps: int = 0, batch_size: int = 256) -> int:
+def full_data_epochs(n_train: int, epochs: int, min_steps: int = 0,
+                     batch_size: int = TrainConfig.batch_size) -> int:
     """`epochs`, raised where needed so that a net takes at least `min_steps` SGD steps of `batch_size` images
     (the last, smaller batch of an epoch counts as a step)."""
     steps_per_epoch = math.ceil(_as_int(n_train, 'n_train') / _as_int(batch_size, 'batch_size'))
@@ -517,8 +519,8 @@ def full_data_epochs(n_train: int, epochs: int, min_steps: int = 0, batch_size: 
 
 def full_data_baseline(ds, epochs: int = 30, K: int = 3, seed: int = 0, net: str = 'convnet',
                        net_options: dict | None = None, lr: float = 0.01, batched: bool = True,
-                       dsa: DSAConfig | None = DSAConfig(), device=None, min_steps: int = 0, batch_size: int = 256,
-                       **kw) -> EvalResult:
+                       dsa: DSAConfig | None = DSAConfig(), device=None, min_steps: int = 0,
+                       batch_size: int = TrainConfig.batch_size, **kw) -> EvalResult:
     """`K` nets trained on the whole real training split of `ds`, tested at the final epoch. `min_steps` raises
     `epochs` on a small split, so that these nets are not trained for fewer steps than the synthetic sets' nets
     (300 epochs of one batch at quick scale) and the row stays the ceiling it is meant to be."""
