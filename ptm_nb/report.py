@@ -15,14 +15,15 @@ from .runs import RunSpec, run, load_hparams, resolve_device, RunResult, scale_f
 from .train import evaluate_synset, full_data_baseline, majority_class_accuracy
 
 # %% auto #0
-__all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'file_sha256', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table',
-           'Paper', 'method_title', 'result_row', 'results_grid', 'curve', 'full_data_note', 'write_index',
+__all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'METRICS', 'file_sha256', 'outputs_root', 'choose_dataset', 'Choice', 'cell',
+           'wide_table', 'Paper', 'method_title', 'distill_seconds', 'result_row', 'seeds_for', 'results_grid',
+           'over_seeds', 'paired_differences', 'paired_table', 'curve', 'full_data_note', 'write_index',
            'changed_inputs', 'paper_notebook', 'select_notebooks', 'check_methods', 'check_ipcs', 'notebook_params',
            'reproduce']
 
 # %% ../nbs/09a_report.ipynb #189ede73
 REPO = Path(ptm_nb.__file__).resolve().parent.parent
-NOTEBOOKS = ('table1_datasets', 'table2_mnist', 'table3_highres', 'table4_cross_arch', 'table5_ipc', 'fig1b_backend',
+NOTEBOOKS = ('tuning', 'table1_datasets', 'table2_mnist', 'table3_highres', 'table4_cross_arch', 'table5_ipc', 'fig1b_backend',
              'fig3_time_memory', 'fig4_stability', 'fig5_overlap', 'fig6_loss_landscape', 'fig7_tsne')
 
 def file_sha256(path) -> str:
@@ -76,6 +77,10 @@ def wide_table(long, rows: str = 'method', columns=('dataset', 'ipc'), row_order
     std = value[:-len('_mean')] + '_std' if value.endswith('_mean') else None
     long['cell'] = [cell(m, s, r) for m, s, r in zip(long[value], long[std] if std in long else none,
                                                      long.get('paper', none) if value == 'acc_mean' else none)]
+    if 'n_seeds' in long and long.n_seeds.notna().any():   # a cell over fewer seeds than the others says so
+        most = long.n_seeds.max()
+        long['cell'] = [c + (f' ({int(n)} seed{"s" if n > 1 else ""})' if n == n and n < most else '')
+                        for c, n in zip(long.cell, long.n_seeds)]
     cols = list(columns)
     long['column'] = [' / '.join(f'ipc {v}' if c == 'ipc' else str(v) for c, v in zip(cols, key))
                       for key in zip(*(long[c] for c in cols))]
@@ -102,6 +107,8 @@ class Paper:
         self.nb_preset = (self.preset.get('notebooks') or {}).get(notebook) or {}
         self.parameters, self.choices, self.absent, self.files, self.missing_methods = {}, [], [], [], []
         self.inputs = {}                                           # result file read -> its sha256 (see `used`)
+        from .grid import default_workers
+        self.workers = default_workers()                          # processes of the embedded Dask cluster
         self._loaded, self.t0 = {}, time.time()
 
     def used(self, *paths):
@@ -139,11 +146,26 @@ class Paper:
         "The present choices for `names` (absent ones are recorded and skipped)."
         return [c for c in (self.dataset(n) for n in names) if c is not None]
 
+    def spec(self, method: str, choice: Choice, ipc: int, net: str = 'convnet', seed: int | None = None,
+             **overrides) -> RunSpec:
+        "The run spec of one cell (this notebook's scale, device and seed unless `seed` is given)."
+        return RunSpec(method, choice.used_name, int(ipc), self.scale, self.seed if seed is None else seed,
+                       self.device, net, overrides)
+
+    def compute(self, specs):
+        """Plan, then execute: the expert buffers and runs that `specs` still need, as one task graph on Dask
+        (`ptm_nb.grid`: an embedded LocalCluster of `self.workers` processes; 0 = in this process). Finished runs
+        are no tasks, so a notebook that only reads back starts nothing."""
+        from .grid import plan, run_grid
+        tasks = plan(specs, self.root, self.hp, self.data_root, {c.used_name: c.ds for c in self.choices})
+        result = run_grid(tasks, self.root, workers=self.workers, data_root=self.data_root, progress=self.progress)
+        result.raise_failures()
+        return result
+
     def run(self, method: str, choice: Choice, ipc: int, net: str = 'convnet', seed: int | None = None,
             **overrides) -> RunResult:
         "Distil and evaluate (or read back) one run under `outputs/<scale>/runs`."
-        spec = RunSpec(method, choice.used_name, int(ipc), self.scale, self.seed if seed is None else seed,
-                       self.device, net, overrides)
+        spec = self.spec(method, choice, ipc, net, seed, **overrides)
         res = run(spec, root=self.root, data_root=self.data_root, progress=self.progress, hparams=self.hp,
                   dataset=choice.ds)
         self.used(res.folder.path / 'synset.pt', res.folder.path / 'eval.json')
@@ -207,6 +229,14 @@ class Paper:
     def majority(self, choice: Choice) -> float:
         "Accuracy of always answering the most frequent test class (shown beside every table)."
         return majority_class_accuracy(choice.ds.test_y)
+
+    def seeds_note(self, seeds) -> str:
+        "How many distillation seeds each cell has, as every table with seeds states it."
+        if isinstance(seeds, dict):
+            per = '; '.join(f'ipc {k}: {len(v)} ({", ".join(map(str, v))})' for k, v in seeds.items())
+        else: per = f'{len(seeds)} ({", ".join(map(str, seeds))})'
+        return (f'Distillation seeds per cell: {per}; a cell is the mean ± std over seeds of each seed\'s mean over '
+                'its nets (one seed: the std over its nets). Seed s gives every method the same initial real images.')
 
     def data_note(self) -> str:
         "Which data stood in for which, and what was absent."
@@ -272,28 +302,36 @@ METHOD_TITLES = {'random': 'Random real', 'dc': 'DC', 'dsa': 'DSA', 'dm': 'DM', 
 
 def method_title(name: str) -> str: return METHOD_TITLES.get(name, name)
 
+def distill_seconds(res: RunResult) -> float | None:
+    "Wall seconds of a run's distillation, as its last metrics record says (None where the method logs none)."
+    wall = [r['wall_s'] for r in res.folder.metrics() if r.get('wall_s') is not None]
+    return round(wall[-1], 1) if wall else None
+
 def result_row(paper: Paper, table: str, choice: Choice, ipc: int, method: str, res: RunResult, **extra) -> dict:
     "One long-table row of a finished run (accuracies as fractions, the paper's value in %)."
     e = res.eval
     return {'method': method_title(method), 'dataset': choice.label, 'used': choice.used_name, 'ipc': ipc,
+            'seed': res.folder.config['seed'], 'device': e.get('device'), 'distill_s': distill_seconds(res),
             'acc_mean': e['acc_mean'], 'acc_std': e['acc_std'], 'auc_mean': e['auc_mean'], 'auc_std': e.get('auc_std'),
             'bal_acc_mean': e['bal_acc_mean'], 'bal_acc_std': e.get('bal_acc_std'),
             'nets': e['nets'], 'epochs': e['epochs'], 'lr': e['lr'],
             'paper': paper.reported(table, choice, ipc, method), 'run': res.folder.path.name, **extra}
 
-def results_grid(paper: Paper, table: str, datasets, ipcs, methods, reference_rows: bool = True):
-    """Every method × dataset × ipc run (made or read back), plus per dataset the full-real-data and majority-class
-    rows; a long DataFrame."""
+def seeds_for(seeds, ipc: int) -> list[int]:
+    "The distillation seeds of `ipc`: `seeds` is one list for every ipc, or {ipc: list} (fewer seeds where runs cost more)."
+    if isinstance(seeds, dict): return [int(s) for s in (seeds.get(ipc) or seeds.get(str(ipc)) or [0])]
+    return [int(s) for s in seeds]
+
+def results_grid(paper: Paper, table: str, datasets, ipcs, methods, reference_rows: bool = True, seeds=None):
+    """Every method × dataset × ipc × seed run (computed first as one task graph, then read back), plus per dataset
+    the full-real-data and majority-class rows; a long DataFrame with one row per run (see `over_seeds`)."""
     import pandas as pd
-    from tqdm.auto import tqdm
     choices = paper.datasets(datasets)
-    bar = tqdm(total=len(choices) * len(ipcs) * len(methods), desc=table, disable=not paper.progress)
-    rows = []
+    seeds = [paper.seed] if seeds is None else seeds
+    cells = [(c, ipc, s, m) for c in choices for ipc in ipcs for s in seeds_for(seeds, ipc) for m in methods]
+    paper.compute([paper.spec(m, c, ipc, seed=s) for c, ipc, s, m in cells])       # plan, then execute
+    rows = [result_row(paper, table, c, ipc, m, paper.run(m, c, ipc, seed=s)) for c, ipc, s, m in cells]
     for choice in choices:
-        for ipc in ipcs:
-            for m in methods:
-                bar.set_postfix_str(f'{choice.used_name} ipc {ipc} {m}')
-                rows.append(result_row(paper, table, choice, ipc, m, paper.run(m, choice, ipc))); bar.update()
         if reference_rows:
             full, maj = paper.full_data(choice), paper.majority(choice)
             for ipc in ipcs:
@@ -305,8 +343,58 @@ def results_grid(paper: Paper, table: str, datasets, ipcs, methods, reference_ro
                 rows.append({'method': method_title('majority'), 'dataset': choice.label, 'used': choice.used_name,
                              'ipc': ipc, 'acc_mean': maj, 'acc_std': float('nan'), 'auc_mean': 0.5,
                              'bal_acc_mean': 1 / choice.ds.n_classes})
-    bar.close()
     return pd.DataFrame(rows)
+
+METRICS = ('acc', 'bal_acc', 'auc')
+
+def over_seeds(long):
+    """One row per method × dataset × ipc: each metric's mean ± std **over the distillation seeds** (of the per-seed
+    means over nets), with `n_seeds`; rows without seeds (full data, majority) pass as they are."""
+    import pandas as pd
+    if 'seed' not in long or not len(long): return long
+    runs, other = long[long.seed.notna()], long[long.seed.isna()]
+    keys = ['method', 'dataset', 'used', 'ipc']
+    rows = []
+    for key, part in runs.groupby(keys, sort=False):
+        row = {**dict(zip(keys, key)), 'n_seeds': len(part), 'seeds': ','.join(str(int(s)) for s in part.seed),
+               'paper': part['paper'].iloc[0] if 'paper' in part else None,
+               'device': ','.join(sorted(set(map(str, part.device.dropna())))) if 'device' in part else None,
+               'distill_s': part.distill_s.mean() if 'distill_s' in part else None,
+               'nets': part.nets.iloc[0], 'epochs': part.epochs.iloc[0]}
+        for m in METRICS:
+            v = part[f'{m}_mean'].astype(float)
+            row[f'{m}_mean'] = v.mean()
+            # one seed: the spread of its nets; more: the spread over seeds (population std, as the nets')
+            row[f'{m}_std'] = v.std(ddof=0) if len(v) > 1 else part[f'{m}_std'].astype(float).iloc[0]
+        rows.append(row)
+    return pd.concat([pd.DataFrame(rows), other], ignore_index=True)
+
+def paired_differences(long, reference: str = 'PTM', metric: str = 'acc_mean'):
+    """`reference` − each other method, seed by seed (the same seed: the same initial real images and expert
+    draws where the methods allow): mean ± std of the differences, and in how many seeds `reference` is ahead."""
+    import pandas as pd
+    runs = long[long.seed.notna()] if 'seed' in long else long.iloc[:0]
+    idx = ['used', 'ipc', 'seed']
+    ref = runs[runs.method == reference].set_index(idx)[metric]
+    rows = []
+    for (method, dataset, used, ipc), part in runs[runs.method != reference].groupby(['method', 'dataset', 'used', 'ipc'],
+                                                                                     sort=False):
+        d = (ref - part.set_index(idx)[metric]).dropna()
+        if not len(d): continue
+        rows.append({'baseline': method, 'dataset': dataset, 'used': used, 'ipc': ipc, 'diff_mean': d.mean(),
+                     'diff_std': d.std(ddof=0), 'wins': int((d > 0).sum()), 'seeds': len(d)})
+    return pd.DataFrame(rows)
+
+def paired_table(diffs, row_order=None):
+    "The paired differences laid out like the tables: '+3.10 ± 1.20 (3/3)' in points, one row per baseline."
+    if not len(diffs): return diffs
+    d = diffs.copy()
+    d['cell'] = [f'{100 * m:+.2f} ± {100 * s:.2f} ({w}/{n})' for m, s, w, n in zip(d.diff_mean, d.diff_std, d.wins, d.seeds)]
+    d['column'] = [f'{ds} / ipc {i}' for ds, i in zip(d.dataset, d.ipc)]
+    wide = d.pivot_table(index='baseline', columns='column', values='cell', aggfunc='first', sort=False)
+    order = [r for r in (row_order or []) if r in wide.index] + [r for r in wide.index if r not in (row_order or [])]
+    wide = wide.reindex(order); wide.columns.name = None
+    return wide.fillna('–').reset_index()
 
 def curve(paper: Paper, result: RunResult, points: int = 5):
     """Accuracy of the set at up to `points` snapshots of the run (evenly spread, the last always included), with

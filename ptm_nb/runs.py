@@ -25,8 +25,8 @@ def register_baselines() -> list[str]:
 register_baselines()        # every method is found by name, whoever imports the runs
 
 # %% auto #0
-__all__ = ['HPARAMS_PATH', 'SCALES', 'register_baselines', 'load_hparams', 'resolve_device', 'scale_for', 'RunSpec', 'run_id',
-           'RunResult', 'expert_config', 'experts_for', 'run', 'results_table']
+__all__ = ['HPARAMS_PATH', 'SCALES', 'register_baselines', 'load_hparams', 'resolve_device', 'is_volume', 'scale_for', 'RunSpec',
+           'run_id', 'RunResult', 'expert_batch', 'expert_config', 'experts_for', 'run', 'results_table']
 
 # %% ../nbs/08_runs.ipynb #451d031c
 import ptm_nb
@@ -50,11 +50,23 @@ def resolve_device(device: str = 'auto') -> str:
     return device
 
 # %% ../nbs/08_runs.ipynb #778397d0
-def scale_for(scale: dict, dataset: str, ipc: int | None = None) -> dict:
-    """A scale's preset with its caps for `dataset` (`datasets.<dataset>`), then for `ipc` (`ipc<k>`), laid over it
-    (dicts merged one level deep, per method group)."""
-    out = {k: v for k, v in scale.items() if k != 'datasets' and not k.startswith('ipc')}
-    for over in ((scale.get('datasets') or {}).get(dataset) or {}, scale.get(f'ipc{ipc}') or {}):
+def is_volume(dataset: str | None) -> bool:
+    "Whether `dataset` holds 3D volumes, as its manifest entry says (False for a name the manifest does not know)."
+    if dataset is None: return False
+    from ptm_nb.data import load_manifest, resolve_name, dataset_meta
+    try:
+        entries = load_manifest()
+        return bool(dataset_meta(entries[resolve_name(dataset, entries)[0]]).get('is_3d'))
+    except (ValueError, KeyError): return False
+
+def scale_for(scale: dict, dataset: str | None, ipc: int | None = None, volume: bool | None = None) -> dict:
+    """A scale's preset with its caps laid over it, in order: for 3D data (`volumes`, decided by the data's shape, not
+    its name: `volume`, else the manifest), for the dataset by name (`datasets.<dataset>`, an override), then for
+    `ipc` (`ipc<k>`); dicts merged one level deep, per method group."""
+    out = {k: v for k, v in scale.items() if k not in ('datasets', 'volumes') and not k.startswith('ipc')}
+    volume = is_volume(dataset) if volume is None else volume
+    for over in (scale.get('volumes') or {} if volume else {}, (scale.get('datasets') or {}).get(dataset) or {},
+                 scale.get(f'ipc{ipc}') or {}):
         for key, value in over.items():
             base = out.get(key)
             if key == 'methods':
@@ -90,7 +102,8 @@ class RunSpec:
             for g in groups: knobs.update(layer.get(g) or {})
         cfg = {'method': self.method, 'dataset': self.dataset, 'ipc': self.ipc, 'scale': self.scale, 'seed': self.seed,
                'net': self.net, 'net_options': dict(scale.get('net_options') or {}),
-               'experts': {**(scale.get('experts') or {}), 'kind': method.experts} if method.experts else None,
+               # the scale may name one expert kind for every trajectory-matching row (quick, paper: flat, Sec. 4.3)
+               'experts': {'kind': method.experts, **(scale.get('experts') or {})} if method.experts else None,
                'eval': dict(scale['eval']), 'hp': knobs}
         if scale.get('max_train_per_class'):     # a smoke cap on the training images (absent from other scales' ids)
             cfg['data'] = {'max_train_per_class': int(scale['max_train_per_class'])}
@@ -99,6 +112,9 @@ class RunSpec:
             if tail and isinstance(cfg.get(head), dict): cfg[head][tail] = value
             elif key in ('net',): cfg[key] = value
             else: cfg['hp'][key] = value
+        # PTM's last stage is the end of the trajectory: max_target_epoch null = the experts' last epoch
+        if cfg['experts'] and 'max_target_epoch' in cfg['hp'] and cfg['hp']['max_target_epoch'] is None:
+            cfg['hp']['max_target_epoch'] = cfg['experts']['epochs']
         return cfg
 
 def run_id(cfg: dict) -> str:
@@ -117,15 +133,27 @@ class RunResult:
         e = self.eval
         return f"RESULT acc_mean={e['acc_mean']:.4f} acc_std={e['acc_std']:.4f} run={self.folder.path}"
 
-def expert_config(cfg: dict, device: str) -> ExpertConfig:
-    "The experts a resolved run config asks for."
+def expert_batch(experts: dict, n_train: int) -> int:
+    """The experts' minibatch: `batch` when the preset gives one, else sized from the data so that an epoch is at
+    least `steps_per_epoch` SGD steps (at most 256, MTT's batch): at 256 a 700-image set gets 3 steps an epoch and
+    its experts barely move from their initialisation."""
+    if experts.get('batch'): return int(experts['batch'])
+    steps = experts.get('steps_per_epoch')
+    return 256 if not steps else max(1, min(256, n_train // int(steps)))
+
+def expert_config(cfg: dict, device: str, n_train: int | None = None) -> ExpertConfig:
+    "The experts a resolved run config asks for (`n_train`: the training images, when the batch follows the data)."
     e = cfg['experts']
+    if n_train is None and e.get('steps_per_epoch') and not e.get('batch'):
+        raise ValueError('expert_config: this preset sizes the expert batch from the data (steps_per_epoch): pass n_train')
     return ExpertConfig(net=cfg['net'], net_options=cfg['net_options'], n_experts=e['n_experts'], epochs=e['epochs'],
-                        seed=e.get('seed', 0), flat=e['kind'] == 'flat', device=device)
+                        batch=expert_batch(e, n_train or 0), lr=float(e.get('lr', ExpertConfig.lr)),
+                        seed=e.get('seed', 0), flat=e['kind'] == 'flat',
+                        device=device)
 
 def experts_for(ds, cfg: dict, root, device: str, progress: bool = True):
     "The expert buffer a run needs (trained now if it is not there yet)."
-    ecfg, root = expert_config(cfg, device), Path(root) / 'experts'
+    ecfg, root = expert_config(cfg, device, len(ds.train_y)), Path(root) / 'experts'
     # one lock per buffer: runs that need the same experts take turns (the second reads what the first trained),
     # while runs on other buffers (another dataset, FTD's flat experts) train theirs at the same time
     with file_lock(root / f'{expert_folder(ds, ecfg, root).name}.lock'):
@@ -158,11 +186,12 @@ def run(spec: RunSpec, root='outputs', data_root=None, progress: bool = True, hp
         res = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, net=cfg['net'],
                               net_options=cfg['net_options'], lr=synset.lr if method.learned_lr else 0.01,
                               epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=device, n_classes=ds.n_classes,
-                              checkpoint=folder.path / 'eval_checkpoint.pt')   # a killed evaluation resumes
+                              checkpoint=folder.path / 'eval_checkpoint.pt',   # a killed evaluation resumes
+                              val=(ds.val_x, ds.val_y) if len(ds.val_y) else None)   # tuning reads val only
         result = {'acc_mean': res.mean, 'acc_std': res.std, 'accs': list(res.accs), 'auc_mean': res.auc_mean,
                   'auc_std': res.auc_std, 'bal_acc_mean': res.bal_acc_mean, 'bal_acc_std': res.bal_acc_std,
                   'lr': synset.lr if method.learned_lr else 0.01, 'nets': ev['nets'], 'epochs': ev['epochs'],
-                  'reported_at': 'final epoch', 'device': device}
+                  'reported_at': 'final epoch', 'device': device, **res.val_dict()}
         folder.save_eval(result)
         return RunResult(folder, synset, result)
 

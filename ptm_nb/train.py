@@ -396,6 +396,7 @@ class EvalResult:
     label: str = ''
     train_loss: list | None = None      # (K, epochs) mean training loss per epoch
     params: torch.Tensor | None = None  # (K, P) final flat parameters, when asked for
+    val: dict | None = None             # the same nets on the validation split: {'accs', 'aucs', 'bal_accs'} (tuning)
 
     @staticmethod
     def _ms(v):
@@ -424,7 +425,15 @@ class EvalResult:
         keys = ('mean', 'std', 'auc_mean', 'auc_std', 'bal_acc_mean', 'bal_acc_std', 'n_nets')
         return {**{k: getattr(self, k) for k in keys}, 'accs': list(self.accs), 'aucs': list(self.aucs),
                 'bal_accs': list(self.bal_accs), 'epochs': self.epochs, 'seconds': self.seconds, 'engine': self.engine,
-                'lr': self.lr, 'label': self.label, 'reported_at': 'final epoch'}
+                'lr': self.lr, 'label': self.label, 'reported_at': 'final epoch', **self.val_dict()}
+
+    def val_dict(self) -> dict:
+        "The validation-split numbers as `val_<metric>_mean/_std` (empty without a validation split): tuning reads these."
+        if not self.val: return {}
+        out = {}
+        for key, name in (('accs', 'acc'), ('aucs', 'auc'), ('bal_accs', 'bal_acc')):
+            out[f'val_{name}_mean'], out[f'val_{name}_std'] = self._ms(self.val[key])
+        return out
 
 def _as_int(v, what, low=1):
     if isinstance(v, bool) or int(v) != v or v < low: raise ValueError(f"{what} must be an int >= {low}, got {v!r}")
@@ -436,12 +445,13 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Te
                     device=None, *, batch_size: int = TrainConfig.batch_size, n_classes: int | None = None,
                     cfg: TrainConfig | None = None,
                     engine: str = 'auto', keep_params: bool = False, label: str = '', checkpoint=None,
-                    checkpoint_every_s: float | None = None) -> EvalResult:
+                    checkpoint_every_s: float | None = None, val: tuple | None = None) -> EvalResult:
     """Train K fresh `net`s on (`images`, `labels`) and test them on (`test_x`, `test_y`) at the final epoch.
     `images` may hold one set per net, (K, N, ...) with labels (K, N[, C]). `cfg` (if given) supplies the other
     protocol knobs; `lr`, `epochs`, `batch_size` and `dsa` always apply. With a `checkpoint` path the training
     saves its state there now and then (`fit_stack`) and an interrupted evaluation resumes from it; the file is
-    removed once the nets are tested. `checkpoint_every_s` defaults to `EVAL_CHECKPOINT_EVERY_S`."""
+    removed once the nets are tested. `checkpoint_every_s` defaults to `EVAL_CHECKPOINT_EVERY_S`. `val` = (val_x,
+    val_y): the same nets are also tested on the validation split (`EvalResult.val`), which is what tuning reads."""
     K = _as_int(K, 'K')
     cfg = replace(cfg or TrainConfig(), lr=float(lr), epochs=_as_int(epochs, 'epochs'), batch_size=batch_size, dsa=dsa)
     _check_images(test_x, 'test_x')
@@ -488,12 +498,20 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Te
         W, losses = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
         logits = torch.cat([predict(nets[k], W[k:k + 1], test_x, engine, cfg.eval_batch) for k in range(K)])
     metrics = [test_metrics(lg, test_y) for lg in logits]
+    val_metrics = None
+    if val is not None:                                              # the same nets on the validation split
+        vx, vy = val[0].to(device), val[1].to(device)
+        if engine in ('vmap', 'stacked'): vlogits = predict(nets[0], W, vx, engine, cfg.eval_batch)
+        else: vlogits = torch.cat([predict(nets[k], W[k:k + 1], vx, engine, cfg.eval_batch) for k in range(K)])
+        vm = [test_metrics(lg, vy) for lg in vlogits]
+        val_metrics = {'accs': [m['acc'] for m in vm], 'aucs': [m['auc'] for m in vm], 'bal_accs': [m['bal_acc'] for m in vm]}
     for c in ckpts:
         if c is not None: c.unlink(missing_ok=True)
     return EvalResult(accs=[m['acc'] for m in metrics], aucs=[m['auc'] for m in metrics],
                       bal_accs=[m['bal_acc'] for m in metrics], epochs=cfg.epochs, seconds=time.perf_counter() - t0,
                       engine=engine + ('' if engine in ('vmap', 'stacked') else ' (one net at a time)'), lr=cfg.lr,
-                      label=label, train_loss=losses.tolist(), params=W if keep_params else None)
+                      label=label, train_loss=losses.tolist(), params=W if keep_params else None,
+                      val=val_metrics)
 
 # %% ../nbs/03_train.ipynb #0e73e8c0
 def random_real_baseline(ds, ipc: int, draws: int = 5, K: int = 1, seed: int = 0, net: str = 'convnet',

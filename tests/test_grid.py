@@ -1,0 +1,47 @@
+"""The task graph: buffers once, before the runs that read them; the embedded LocalCluster gives the same
+synthetic sets as one process; a failing task is named at the end while the rest of the graph completes."""
+import pytest
+import torch
+from ptm_nb.grid import plan, run_grid, Task
+from ptm_nb.runs import RunSpec, run_id
+from ptm_nb.distill import SyntheticSet
+
+
+def _specs():
+    return [RunSpec(m, 'breastmnist', 1, 'smoke', seed=s, device='cpu') for m in ('mtt', 'ptm') for s in (0, 1)]
+
+
+def test_plan_holds_each_buffer_once_before_its_runs(tmp_path, data_dir):
+    tasks = plan(_specs() + _specs()[:1], tmp_path)
+    kinds = [t.kind for t in tasks.values()]
+    assert kinds == ['experts'] + ['run'] * 4
+    buffer = next(iter(tasks))
+    assert all(t.deps == (buffer,) for t in tasks.values() if t.kind == 'run')
+    assert set(tasks) - {buffer} == {run_id(s.resolve()) for s in _specs()}
+
+
+def test_local_cluster_gives_the_sets_of_one_process(tmp_path, data_dir):
+    pytest.importorskip('distributed')
+    one = run_grid(plan(_specs(), tmp_path / 'one'), tmp_path / 'one', workers=0, progress=False)
+    two = run_grid(plan(_specs(), tmp_path / 'two'), tmp_path / 'two', workers=2, progress=False)
+    assert not one.failed and not two.failed, (one.failed, two.failed)
+    assert set(one.done) == set(two.done) and len(one.done) == 5
+    for s in _specs():
+        rid = run_id(s.resolve())
+        a = SyntheticSet.load(tmp_path / 'one' / 'runs' / rid / 'synset.pt')
+        b = SyntheticSet.load(tmp_path / 'two' / 'runs' / rid / 'synset.pt')
+        assert torch.equal(a.images, b.images) and a.lr == b.lr          # both single-threaded: bit-identical
+    assert plan(_specs(), tmp_path / 'two') == {}                        # nothing left to do
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_a_failing_task_is_named_and_the_rest_completes(tmp_path, data_dir, workers):
+    pytest.importorskip('distributed')
+    good = RunSpec('random', 'breastmnist', 1, 'smoke', device='cpu')
+    bad = RunSpec('random', 'breastmnist', 10_000, 'smoke', device='cpu')     # more images per class than exist
+    tasks = plan([bad, good], tmp_path)
+    out = run_grid(tasks, tmp_path, workers=workers, retries=0, progress=False)
+    bad_id, good_id = run_id(bad.resolve()), run_id(good.resolve())
+    assert good_id in out.done and bad_id in out.failed
+    assert 'ipc' in out.failed[bad_id]
+    with pytest.raises(RuntimeError, match=bad_id): out.raise_failures()
