@@ -8,7 +8,8 @@ import argparse, json, os, sys, tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['atomic_write_text', 'render_readme', 'build_parser', 'main']
+__all__ = ['FAMILIES', 'MEDMNIST_RECORD', 'atomic_write_text', 'render_readme', 'method_family', 'methods_lines',
+           'no_data_message', 'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #99d9be92
 def atomic_write_text(path, text: str):
@@ -27,6 +28,47 @@ def render_readme(nb_path='nbs/index.ipynb') -> str:
         parts.append(src if cell['cell_type'] == 'markdown' else f'```python\n{src}\n```')
     return '\n\n'.join(parts) + '\n'
 
+# %% ../nbs/10_cli.ipynb #57af3bb5
+FAMILIES = {'random': 'real images', 'dc': 'gradient matching', 'dsa': 'gradient matching',
+            'dm': 'distribution matching', 'cafe': 'feature alignment',
+            'haba': 'trajectory matching, factorised'}
+
+def method_family(method) -> str:
+    "The family of a registered method: its FAMILIES entry, else trajectory matching when it needs experts."
+    return FAMILIES.get(method.name) or ('trajectory matching' if method.experts else 'other')
+
+def methods_lines() -> list[str]:
+    "A header and one line per registered method (by family, then name): name, family, experts, what it is."
+    from ptm_nb.runs import register_baselines
+    from ptm_nb.distill import METHODS
+    register_baselines()
+    rows = sorted(((m.name, method_family(m), m.experts or '-', m.description) for m in METHODS.values()),
+                  key=lambda r: (r[1], r[0]))
+    rows = [('name', 'family', 'experts', 'what it is')] + rows
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return ['  '.join(r[i].ljust(widths[i]) for i in range(3)) + '  ' + r[3] for r in rows]
+
+# %% ../nbs/10_cli.ipynb #4eb8d9ab
+MEDMNIST_RECORD = 'https://zenodo.org/records/10519652'
+
+def no_data_message(root=None) -> str:
+    "What `datasets` looked for under the data root, and how to get data, for when it found nothing."
+    import textwrap
+    from ptm_nb.data import dataset_report, data_root
+    root = data_root(root)
+    wanted = dataset_report(root, include_absent=True)['source']
+    names = [os.path.relpath(p, root) + ('' if p.endswith('.npz') else '/') for p in wanted]
+    looked = textwrap.fill('looked for: ' + ', '.join(names) + ' (MedMNIST files at larger sizes as '
+                           '<flag>_<size>.npz)', 110, subsequent_indent='  ')
+    return '\n'.join([
+        f'ptm-nb datasets: error: no dataset found under {root}',
+        "  (the data root: --root, else $PTM_DATA_DIR, else medmnist's folder ~/.medmnist)", looked,
+        'to get data: put the files in a folder DIR, then pass --root DIR or set PTM_DATA_DIR=DIR.',
+        f'  download e.g. {MEDMNIST_RECORD}/files/breastmnist.npz (every flag is there),',
+        "  or all at once with medmnist's tool (it needs `pip install fire`): "
+        'python -m medmnist download --root DIR;',
+        '  `ptm-nb distill` also downloads a missing MedMNIST file itself when the network allows'])
+
 # %% ../nbs/10_cli.ipynb #1e3368c0
 def _cmd_datasets(args) -> int:
     from ptm_nb.data import dataset_report, DatasetError
@@ -35,6 +77,9 @@ def _cmd_datasets(args) -> int:
         report = dataset_report(root=args.root, names=args.names or None)
     except DatasetError as e:
         print(f'ptm-nb datasets: error: {e}', file=sys.stderr)
+        return 2
+    if report.empty and not args.names:          # nothing there: say where we looked, not an empty table
+        print(no_data_message(args.root), file=sys.stderr)
         return 2
     with pd.option_context('display.max_rows', None, 'display.max_columns', None, 'display.width', 200):
         print(report.to_string(index=False))
@@ -74,7 +119,33 @@ def _cmd_distill(args) -> int:
           f"{100 * e['acc_std']:.2f} % over {e['nets']} nets ({e['epochs']} epochs, final epoch), "
           f"AUC {e['auc_mean']:.3f}, balanced acc {100 * e['bal_acc_mean']:.2f} %, lr {e['lr']:.4g}")
     print(f'wrote {res.folder.path} (config.json, metrics.jsonl, synset.pt, eval.json)')
+    png = res.folder.path / 'synset.png'
+    print(f'picture of the set: {png}' if png.exists() else f'no picture at {png} (drawing it failed: see the '
+          f'warning above; or the run was read back from before runs drew one)')
     print(res.result_line())
+    return 0
+
+def _one_line(e) -> str: return ' '.join(str(e).split())
+
+def _cmd_evaluate(args) -> int:
+    from ptm_nb.evaluate import evaluate_set, record_path, write_record
+    try:
+        rec = evaluate_set(args.path, args.dataset, args.net, args.scale, args.device, args.seed,
+                           args.data_root)
+        out = write_record(rec, args.out or record_path(rec['source']))
+    except (ValueError, OSError) as e:      # SynsetError and DatasetError are ValueErrors
+        print(f'ptm-nb evaluate: error: {_one_line(e)}', file=sys.stderr)
+        return 2
+    print(json.dumps(rec, indent=1, default=float))
+    print(f"{rec['source']} on {rec['dataset']} ({rec['images']} images), scale {rec['scale']}: acc "
+          f"{100 * rec['acc_mean']:.2f} ± {100 * rec['acc_std']:.2f} % over {rec['nets']} {rec['net']} nets "
+          f"({rec['epochs']} epochs, final epoch), AUC {rec['auc_mean']:.3f}, balanced acc "
+          f"{100 * rec['bal_acc_mean']:.2f} %, lr {rec['lr']:.4g}")
+    print(f'wrote {out}')
+    return 0
+
+def _cmd_methods(args) -> int:
+    print('\n'.join(methods_lines()))
     return 0
 
 def _cmd_results(args) -> int:
@@ -119,6 +190,8 @@ def _cmd_readme(args) -> int:
 # %% ../nbs/10_cli.ipynb #c1efd920
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='ptm-nb', description='Progressive trajectory matching for medical dataset distillation.')
+    from ptm_nb import __version__
+    p.add_argument('--version', action='version', version=f'ptm-nb {__version__}')
     sub = p.add_subparsers(dest='command', required=True)
     d = sub.add_parser('datasets', help='list the datasets found under the data root with their Table-1 statistics')
     d.add_argument('names', nargs='*', help='dataset names (default: every manifest dataset present under the root)')
@@ -140,6 +213,23 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument('--data-root', default=None, help='data root (default: $PTM_DATA_DIR, else medmnist\'s folder)')
     x.add_argument('--no-progress', action='store_true', help='no progress bars')
     x.set_defaults(func=_cmd_distill)
+    e = sub.add_parser('evaluate', help='evaluate any synthetic set under the protocol of a scale, as a run')
+    e.add_argument('path', help='a synset.pt, an .npz (images, labels, optional lr), or a folder (or one '
+                   'file) of images_<tag>.pt, labels_<tag>.pt and optional lr_<tag>.pt')
+    e.add_argument('--dataset', default=None, help='the dataset the set was distilled from (default: the one '
+                   'a synset.pt records)')
+    e.add_argument('--net', default='convnet', help='the network trained on the set (default: convnet)')
+    e.add_argument('--scale', default='smoke', choices=['smoke', 'quick', 'paper'], help='whose eval preset '
+                   '(nets, epochs) and network options of hparams.yaml')
+    e.add_argument('--seed', type=int, default=0, help='seed of the evaluation nets (a run: its own seed)')
+    e.add_argument('--device', default='auto', help='auto (CUDA when present), cpu or cuda')
+    e.add_argument('--data-root', default=None, help='data root (default: $PTM_DATA_DIR, else medmnist\'s '
+                   'folder)')
+    e.add_argument('--out', default=None, help='where the record goes (default: <file>.eval.json beside the '
+                   'images)')
+    e.set_defaults(func=_cmd_evaluate)
+    m = sub.add_parser('methods', help='the registered methods: name, family, experts needed, what it is')
+    m.set_defaults(func=_cmd_methods)
     t = sub.add_parser('results', help='the table of finished runs')
     t.add_argument('--root', default=None, help='an outputs folder (default: outputs/, every scale)')
     t.set_defaults(func=_cmd_results)

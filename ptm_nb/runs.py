@@ -182,6 +182,8 @@ def run(spec: RunSpec, root='outputs', data_root=None, progress: bool = True, hp
             synset = method.fn(ds, cfg['ipc'], hp, experts, cfg['seed'], device, folder, progress)
             synset.provenance.update({'method': cfg['method'], 'dataset': cfg['dataset'], 'run': folder.path.name})
             folder.save_synset(synset)
+            from ptm_nb.picture import write_synset_png     # synset.png beside it; a failure only warns
+            write_synset_png(folder.path / 'synset.png', synset, ds)
         ev = cfg['eval']
         res = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, net=cfg['net'],
                               net_options=cfg['net_options'], lr=synset.lr if method.learned_lr else 0.01,

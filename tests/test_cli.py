@@ -1,5 +1,6 @@
-"""The console command end to end: `ptm-nb datasets`, `ptm-nb distill` (with its RESULT line, kill and resume),
-and the errors a user meets first."""
+"""The console command end to end: `ptm-nb datasets`, `ptm-nb distill` (with its RESULT line, kill and resume,
+and the picture of its set), `ptm-nb methods`, `ptm-nb --version`, and the errors a user meets first
+(`ptm-nb evaluate` has tests/test_evaluate.py)."""
 import os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
@@ -74,3 +75,46 @@ def test_distill_kill_and_resume(data_dir, tmp_path):
     a = torch.load(run_dir / 'synset.pt', weights_only=True)
     b = torch.load(tmp_path / 'killed' / 'runs' / run_dir.name / 'synset.pt', weights_only=True)
     assert torch.equal(a['images'], b['images']) and a['lr'] == b['lr']
+
+
+def test_datasets_with_nothing_there_says_where_it_looked(tmp_path):
+    "An empty data root: exit 2 and what was looked for where, and how to get data; not an empty table."
+    r = ptm_nb('datasets', env=_env(tmp_path), timeout=120)
+    assert r.returncode == 2 and 'Empty DataFrame' not in r.stdout and not r.stdout.strip()
+    for part in (str(tmp_path), 'breastmnist.npz', 'adrenalmnist3d.npz', 'PTM_DATA_DIR', '--root',
+                 'python -m medmnist download', 'zenodo.org'):
+        assert part in r.stderr, part
+    other = tmp_path / 'other'
+    r = ptm_nb('datasets', '--root', str(other), env=_env(tmp_path), timeout=120)
+    assert r.returncode == 2 and f'no dataset found under {other}' in r.stderr
+
+
+def test_methods_lists_the_registry():
+    from ptm_nb.runs import register_baselines
+    from ptm_nb.distill import METHODS
+    register_baselines()
+    r = ptm_nb('methods', timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ['name', 'family', 'experts'] and len(lines) == len(METHODS) + 1
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == set(METHODS)
+    assert 'trajectory matching' in rows['ptm'] and ' plain ' in rows['ptm'] and ' flat ' in rows['ftd']
+    assert 'distribution matching' in rows['dm'] and ' - ' in rows['dm'] and 'real images' in rows['random']
+    assert METHODS['ptm'].description in rows['ptm']
+
+
+def test_version():
+    import ptm_nb as package
+    r = ptm_nb('--version', timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f'ptm-nb {package.__version__}'
+
+
+def test_distill_prints_the_picture(data_dir, tmp_path):
+    r = ptm_nb('distill', '--dataset', 'breastmnist', '--method', 'random', '--ipc', '2', '--scale', 'smoke',
+               '--device', 'cpu', '--root', str(tmp_path), '--no-progress', env=_env(data_dir))
+    assert r.returncode == 0, r.stderr
+    line = next(line for line in r.stdout.splitlines() if line.startswith('picture of the set: '))
+    png = Path(line.split(': ', 1)[1])
+    assert png.name == 'synset.png' and png.stat().st_size > 0 and (png.parent / 'synset.pt').exists()
+    assert r.stdout.strip().splitlines()[-1].startswith('RESULT acc_mean=')
