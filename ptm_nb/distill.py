@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .augment import DSAConfig
-from .data import atomic_write
+from .io import atomic_write, read_json, read_tensors, read_or_quarantine, CorruptFile
 from .nets import make_net, functional
 from .unroll import UnrollConfig, SynLR, unroll_student, matching_loss, NonFiniteGuard
 from .ptm import (progressive_target, progressive_steps, split_halves, overlap_loss, intra_class_mmd,
@@ -56,7 +56,11 @@ class SyntheticSet:
         return atomic_torch_save({f.name: cpu(getattr(self, f.name)) for f in dataclasses.fields(self)}, path)
 
     @classmethod
-    def load(cls, path): return cls(**torch.load(path, map_location='cpu', weights_only=True))
+    def load(cls, path) -> 'SyntheticSet':
+        "The set saved at `path` (weights_only=True); a file holding no set is a `CorruptFile` naming it."
+        raw = read_tensors(path)
+        try: return cls(**raw)
+        except (TypeError, ValueError) as e: raise CorruptFile(path, f'not a synthetic set ({e})') from e
 
 # %% ../nbs/07_distill.ipynb #2d6c6695
 SCHEDULES = ('random', 'backend', 'progressive', 'growing')
@@ -341,6 +345,21 @@ def distill_tm(ds, experts, cfg: TMConfig, ipc: int, seed: int = 0, device='cpu'
     return current()
 
 # %% ../nbs/07_distill.ipynb #3a87d9ae
+def _read_checkpoint(path) -> dict:
+    "A distillation checkpoint: a dict whose 'state' holds the iteration it was saved at."
+    state = read_tensors(path)
+    done = state.get('state') if isinstance(state, dict) else None
+    if not isinstance(done, dict) or 'iteration' not in done:
+        raise CorruptFile(path, 'not a distillation checkpoint (no state.iteration)')
+    return state
+
+def _read_eval(path) -> dict:
+    "An evaluation record: a JSON object."
+    result = read_json(path)
+    if not isinstance(result, dict):
+        raise CorruptFile(path, f'not an evaluation record (a JSON {type(result).__name__})')
+    return result
+
 class RunFolder:
     "The files of one run; also the `run` object `distill_tm` checkpoints and logs through."
     def __init__(self, path, config: dict | None = None):
@@ -348,34 +367,40 @@ class RunFolder:
         cfg_path = self.path / 'config.json'
         if config is not None:
             text = json.dumps(config, indent=1, sort_keys=True, default=str)
-            if cfg_path.exists() and json.loads(cfg_path.read_text()) != json.loads(text):
+            found = read_or_quarantine(cfg_path, read_json, 'written again from this run\'s config')
+            if found is not None and found != json.loads(text):
                 raise ValueError(f'{cfg_path} holds another config than this run\'s: the folder belongs to another '
                                  'run; pass another folder or delete this one')
-            if not cfg_path.exists(): atomic_write(cfg_path, lambda f: f.write(text), 'w')
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+            if found is None: atomic_write(cfg_path, lambda f: f.write(text), 'w')
+        self.config = read_json(cfg_path) if cfg_path.exists() else None
 
     def log(self, record: dict):
         with open(self.path / 'metrics.jsonl', 'a', encoding='utf-8') as f:
             f.write(json.dumps(record, default=float) + '\n'); f.flush()
 
     def metrics(self) -> list[dict]:
-        "The logged records (a line torn by a kill is ignored)."
+        "The logged records (a line torn by a kill, or bytes that are not UTF-8 JSON, are skipped)."
         p, out = self.path / 'metrics.jsonl', []
         if not p.exists(): return out
-        for line in p.read_text(encoding='utf-8').splitlines():
-            try: out.append(json.loads(line))
-            except json.JSONDecodeError: pass
+        for line in p.read_bytes().splitlines():
+            try: record = json.loads(line.decode('utf-8'))
+            except (UnicodeDecodeError, json.JSONDecodeError): continue
+            if isinstance(record, dict): out.append(record)
         return out
+
+    def _keep_metrics_to(self, iteration: int):
+        "Drop the logged records after `iteration`: a restart from there logs them again."
+        kept = [json.dumps(r) + '\n' for r in self.metrics() if r.get('iteration', 0) <= iteration]
+        atomic_write(self.path / 'metrics.jsonl', lambda f: f.writelines(kept), 'w')
 
     def save_checkpoint(self, state: dict): atomic_torch_save(state, self.path / 'checkpoint.pt')
 
     def load_checkpoint(self) -> dict | None:
+        "The last checkpoint (None without one; a damaged one is set aside and the run starts again from 0)."
         p = self.path / 'checkpoint.pt'
         if not p.exists(): return None
-        state = torch.load(p, map_location='cpu', weights_only=False)
-        done = state['state']['iteration']
-        kept = [r for r in self.metrics() if r.get('iteration', 0) <= done]
-        atomic_write(self.path / 'metrics.jsonl', lambda f: f.writelines(json.dumps(r) + '\n' for r in kept), 'w')
+        state = read_or_quarantine(p, _read_checkpoint, 'the distillation starts again from iteration 0')
+        self._keep_metrics_to(state['state']['iteration'] if state is not None else 0)
         return state
 
     def save_snapshot(self, iteration: int, synset: SyntheticSet): synset.save(self.path / 'snapshots' / f'iter_{iteration:06d}.pt')
@@ -385,14 +410,15 @@ class RunFolder:
 
     def save_synset(self, synset: SyntheticSet): synset.save(self.path / 'synset.pt')
     def load_synset(self) -> SyntheticSet | None:
-        p = self.path / 'synset.pt'
-        return SyntheticSet.load(p) if p.exists() else None
+        "The result (None before there is one; a damaged one is set aside, and the set is made again)."
+        return read_or_quarantine(self.path / 'synset.pt', SyntheticSet.load,
+                                  'the set is made again (from checkpoint.pt where there is one)')
 
     def save_eval(self, result: dict):
         atomic_write(self.path / 'eval.json', lambda f: json.dump(result, f, indent=1, default=float), 'w')
     def load_eval(self) -> dict | None:
-        p = self.path / 'eval.json'
-        return json.loads(p.read_text()) if p.exists() else None
+        "The evaluation (None before there is one; a damaged one is set aside and the set evaluated again)."
+        return read_or_quarantine(self.path / 'eval.json', _read_eval, 'the set is evaluated again')
 
     def __repr__(self): return f'RunFolder({str(self.path)!r})'
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_experts.ipynb #5428f82e
 from __future__ import annotations
-import dataclasses, hashlib, json, math, os, tempfile, time
+import dataclasses, hashlib, json, math, time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .nets import make_net, functional, flat_params
 from .augment import DSAConfig, dsa_draw, dsa_apply
 from .train import TrainConfig, accuracy, fit_stack, predict, pick_engine, prepare_targets
+from .io import atomic_write, file_sha256, read_json, read_tensors, CorruptFile
 
 # %% auto #0
 __all__ = ['ExpertError', 'WarmStart', 'ExpertConfig', 'dataset_identity', 'expert_folder', 'expert_seed', 'expert_generators',
@@ -275,31 +276,8 @@ def train_experts_stacked(ds, cfg: ExpertConfig, indices) -> list:
             for i, k in enumerate(indices)]
 
 # %% ../nbs/04_experts.ipynb #2e6763ff
-def _atomic_write(path: Path, write) -> str:
-    "Call `write(fileobj)` on a temporary file beside `path`, fsync, rename over `path`; returns the sha256."
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as fh:
-            write(fh)
-            fh.flush(); os.fsync(fh.fileno())
-        digest = _file_sha256(tmp)
-        os.replace(tmp, path)
-        return digest
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-
-
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b''): h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, obj):
-    _atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
 
 # %% ../nbs/04_experts.ipynb #686244b3
 def expert_path(folder, index: int) -> Path: return Path(folder) / f'expert_{index:03d}.pt'
@@ -313,7 +291,7 @@ class ExpertBuffer:
         if not meta_path.exists():
             raise ExpertError(f'no expert buffer at {self.folder} ({meta_path.name} is missing): '
                               f'create it with ptm_nb.experts.generate_experts(ds, cfg, root={str(self.folder.parent)!r})')
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_json(meta_path)
         self.cache_size, self._cache = cache_size, OrderedDict()
 
     def __len__(self) -> int:
@@ -388,10 +366,12 @@ def read_expert(folder, k: int, epochs: int = None, n_params: int = None):
     "Load expert k's file memory-mapped as (trajectory, meta); a file that cannot be read or has the wrong shape raises."
     path = expert_path(folder, k)
     try:
-        obj = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+        obj = read_tensors(path, mmap=True)
         traj, meta = obj['trajectory'], obj['meta']
+        if not torch.is_tensor(traj) or not isinstance(meta, dict): raise TypeError('no trajectory and meta')
     except Exception as e:
-        raise ExpertError(f'the expert file {path} cannot be read ({type(e).__name__}: {e}); run generate_experts '
+        why = e.why if isinstance(e, CorruptFile) else f'{type(e).__name__}: {e}'
+        raise ExpertError(f'the expert file {path} cannot be read: {why}; run generate_experts '
                           f'again with the same config: it trains damaged or missing experts again') from e
     want = (epochs + 1 if epochs is not None else traj.shape[0], n_params if n_params is not None else traj.shape[-1])
     if traj.dtype != torch.float32 or tuple(traj.shape) != want or meta.get('index') != k:
@@ -415,7 +395,7 @@ def _expert_file_ok(folder: Path, k: int, meta: dict):
     if recorded is not None and {f: recorded.get(f) for f in ('bytes', 'mtime_ns')} == _file_stamp(path): return recorded
     try: m = read_expert(folder, k, meta['epochs'], meta['n_params'])[1]
     except ExpertError: return None
-    digest = _file_sha256(path)
+    digest = file_sha256(path)
     if recorded is not None and recorded.get('sha256') != digest: return None
     return {**(recorded or m), 'sha256': digest, **_file_stamp(path)}
 
@@ -427,14 +407,14 @@ def generate_experts(ds, cfg: ExpertConfig, root='outputs/experts', on_expert_do
     folder = _folder_for(identity, root)
     meta_path = folder / 'meta.json'
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path)
         if {'config': meta.get('config'), 'dataset': meta.get('dataset')} != identity:
             raise ExpertError(f'{meta_path} was written for another config or dataset than the one asked for; '
                               f'move the folder away or pass another root')
     else:
         meta = {**identity, 'folder': folder.name, 'epochs': cfg.epochs, 'experts': {},
                 'n_params': int(init_flat(ds, cfg, 0)[1].numel())}
-    for stale in folder.glob('.*.tmp'): stale.unlink()   # left by a process killed while writing
+    for stale in [*folder.glob('.*.tmp'), *folder.glob('.*.part')]: stale.unlink()   # left by a killed writer
     todo = []
     for k in range(cfg.n_experts):
         found = _expert_file_ok(folder, k, meta)
@@ -448,7 +428,8 @@ def generate_experts(ds, cfg: ExpertConfig, root='outputs/experts', on_expert_do
         ks = todo[start:start + group]
         done = train_experts_stacked(ds, cfg, ks) if len(ks) > 1 else [train_expert(ds, cfg, ks[0])]
         for k, (traj, m) in zip(ks, done):
-            m['sha256'] = _atomic_write(expert_path(folder, k), lambda fh: torch.save({'trajectory': traj, 'meta': m}, fh))
+            atomic_write(expert_path(folder, k), lambda fh: torch.save({'trajectory': traj, 'meta': m}, fh))
+            m['sha256'] = file_sha256(expert_path(folder, k))
             meta['experts'][str(k)] = {**m, **_file_stamp(expert_path(folder, k))}
             _write_json(meta_path, meta)
             bar.update(1); bar.set_postfix(test_acc=f"{m['test_acc'][-1]:.3f}", s=f"{m['wall_s']:.1f}")

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch.func import vmap, grad_and_value
 from .nets import make_net, functional, flat_params, load_flat, ConvNet, LeNet, AlexNet
 from .augment import DSAConfig, DSADraw, dsa_draw, dsa_apply
-from .data import real_per_class, atomic_write
+from .data import real_per_class
+from .io import atomic_write, read_tensors, read_or_quarantine, CorruptFile
 
 # %% auto #0
 __all__ = ['SOFT_TARGETS', 'ENGINES', 'CPU_STACK_MAX_BATCH', 'EVAL_CHECKPOINT_EVERY_S', 'stream_seed', 'stream_generator',
@@ -284,6 +285,15 @@ def _fit_key(W, x, cfg, generators) -> dict:
     return {'K': len(W), 'P': W.shape[1], 'data': list(x.shape), 'epochs': cfg.epochs, 'lr': cfg.lr,
             'batch_size': cfg.batch_size, 'generators': len(generators)}
 
+_FIT_STATE = ('key', 'epoch', 'W', 'velocity', 'losses', 'generators')
+
+def _read_fit_checkpoint(path) -> dict:
+    "A `fit_stack` checkpoint (weights_only=True): setup key, epoch, tensors and the generators' states."
+    st = read_tensors(path)
+    missing = [k for k in _FIT_STATE if not isinstance(st, dict) or k not in st]
+    if missing: raise CorruptFile(path, f'not a training checkpoint (no {", ".join(missing)})')
+    return st
+
 def fit_stack(net: nn.Module, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
               generators: list, engine: str, checkpoint=None,
               checkpoint_every_s: float = EVAL_CHECKPOINT_EVERY_S) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +301,8 @@ def fit_stack(net: nn.Module, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
     returns the final parameters (K, P) and the mean training loss of every epoch (K, epochs).
     With a `checkpoint` path the state at the end of an epoch (parameters, momentum, losses and the generators'
     states) is saved there atomically every `checkpoint_every_s` seconds and at the end, and a call that finds the
-    file resumes from it: an interrupted training finishes with the numbers an uninterrupted one gives."""
+    file resumes from it: an interrupted training finishes with the numbers an uninterrupted one gives. A
+    damaged file is set aside (`<name>.corrupt`, named in a warning) and the training starts again from 0."""
     K = len(W)
     if len(generators) != K: raise ValueError(f"fit_stack: {len(generators)} generators for {K} nets")
     per_net = x.ndim == len(net.in_shape) + 2
@@ -301,12 +312,15 @@ def fit_stack(net: nn.Module, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
     rows = torch.arange(K, device=W.device).unsqueeze(1)
     losses = torch.zeros(K, cfg.epochs, device=W.device)
     start, key = 0, _fit_key(W, x, cfg, generators)
-    if checkpoint is not None and Path(checkpoint).exists():
-        st = torch.load(checkpoint, map_location=W.device, weights_only=False)
+    st = None if checkpoint is None else read_or_quarantine(checkpoint, _read_fit_checkpoint,
+                                                           'the training starts again from epoch 0')
+    if st is not None:
         if st['key'] != key:
             raise ValueError(f"{checkpoint}: a training checkpoint of another setup ({st['key']}, this one is {key}); "
                              f"delete the file to start this training afresh")
-        start, W, velocity, losses = st['epoch'], st['W'], st['velocity'], st['losses']
+        dev = W.device                                  # loaded on the CPU, where the generators' states live
+        start, W, losses = st['epoch'], st['W'].to(dev), st['losses'].to(dev)
+        velocity = None if st['velocity'] is None else st['velocity'].to(dev)
         for g, s in zip(generators, st['generators']): g.set_state(s)
     last_save = time.perf_counter()
     for epoch in range(start, cfg.epochs):
