@@ -160,6 +160,9 @@ def _cmd_results(args) -> int:
 def _cmd_reproduce(args) -> int:
     from ptm_nb.report import reproduce, outputs_root
     datasets = [d for d in (args.datasets or '').split(',') if d.strip()] or None
+    # the notebooks' kernels inherit these: every notebook plans its runs and executes them on this cluster
+    if args.workers is not None: os.environ['PTM_WORKERS'] = str(args.workers)
+    if args.scheduler: os.environ['PTM_SCHEDULER'] = args.scheduler
     try:
         statuses = reproduce(args.scale, args.only, datasets, args.out, args.data_root, args.device, args.force,
                              progress=not args.no_progress, methods=args.methods, ipcs=args.ipcs)
@@ -246,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument('--data-root', default=None, help='data root (default: $PTM_DATA_DIR, else medmnist\'s folder)')
     b.add_argument('--device', default='auto', help='auto (CUDA when present), cpu or cuda')
     b.add_argument('--force', action='store_true', help='run notebooks again even when finished (runs are still reused)')
+    b.add_argument('--workers', type=int, default=None, help='processes of the embedded Dask LocalCluster that computes '
+                   'the runs (default: $PTM_WORKERS, else one per core; 0: in the notebook\'s own process)')
+    b.add_argument('--scheduler', default=None, help='address of a running Dask scheduler (tcp://host:8786) to send the '
+                   'runs to instead (a cluster of `dask worker`s, or dask-jobqueue on SLURM); $PTM_SCHEDULER')
     b.add_argument('--no-progress', action='store_true', help='no progress bar')
     b.set_defaults(func=_cmd_reproduce)
     r = sub.add_parser('readme', help='write README.md from nbs/index.ipynb (nbdev_readme needs quarto)')

@@ -99,6 +99,7 @@ def run_grid(tasks: dict[str, Task], root, scheduler: str | None = None, workers
     from tqdm.auto import tqdm
     t0, root = time.perf_counter(), str(Path(root).resolve())
     workers = default_workers() if workers is None else workers
+    scheduler = scheduler or os.environ.get('PTM_SCHEDULER') or None
     bar = tqdm(total=len(tasks), desc='grid', disable=not progress or not tasks, unit='task')
     if not tasks or (scheduler is None and workers == 0):
         out = _sequential(tasks, root, data_root, threads, bar); bar.close()
@@ -111,10 +112,11 @@ def run_grid(tasks: dict[str, Task], root, scheduler: str | None = None, workers
     if scheduler and progress: print(f'grid: {len(tasks)} tasks on {scheduler} (dashboard: {client.dashboard_link})')
     try:
         futures = {}
-        for t in tasks.values():                # buffers come first: their futures exist when a run names them
+        for i, t in enumerate(tasks.values()):  # buffers come first: their futures exist when a run names them
             res = {'GPU': 1} if t.device.startswith('cuda') else None
+            # the order of `tasks` is the order of work: a ready task never jumps ahead of an earlier one
             futures[t.key] = client.submit(work, t, root, data_root, threads, *[futures[d] for d in t.deps if d in futures],
-                                           key=t.key, retries=retries, pure=False, resources=res)
+                                           key=t.key, retries=retries, pure=False, resources=res, priority=len(tasks) - i)
         out = GridResult()
         for fut in as_completed(list(futures.values())):
             if fut.status == 'finished': out.done[fut.key] = fut.result()

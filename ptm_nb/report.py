@@ -233,7 +233,8 @@ class Paper:
     def seeds_note(self, seeds) -> str:
         "How many distillation seeds each cell has, as every table with seeds states it."
         if isinstance(seeds, dict):
-            per = '; '.join(f'ipc {k}: {len(v)} ({", ".join(map(str, v))})' for k, v in seeds.items())
+            per = '; '.join(f'{k if isinstance(k, str) else f"ipc {k}"}: {len(v)} ({", ".join(map(str, v))})'
+                            for k, v in seeds.items())
         else: per = f'{len(seeds)} ({", ".join(map(str, seeds))})'
         return (f'Distillation seeds per cell: {per}; a cell is the mean ± std over seeds of each seed\'s mean over '
                 'its nets (one seed: the std over its nets). Seed s gives every method the same initial real images.')
@@ -317,9 +318,14 @@ def result_row(paper: Paper, table: str, choice: Choice, ipc: int, method: str, 
             'nets': e['nets'], 'epochs': e['epochs'], 'lr': e['lr'],
             'paper': paper.reported(table, choice, ipc, method), 'run': res.folder.path.name, **extra}
 
-def seeds_for(seeds, ipc: int) -> list[int]:
-    "The distillation seeds of `ipc`: `seeds` is one list for every ipc, or {ipc: list} (fewer seeds where runs cost more)."
-    if isinstance(seeds, dict): return [int(s) for s in (seeds.get(ipc) or seeds.get(str(ipc)) or [0])]
+def seeds_for(seeds, ipc: int, method: str | None = None) -> list[int]:
+    """The distillation seeds of a cell: `seeds` is one list for every cell, or a dict keyed by method and/or ipc
+    (`{'datm': [0], 10: [0], 'default': [0, 1, 2]}`: a method's entry wins, then the ipc's, then 'default'), for
+    fewer seeds where runs cost more; every table says how many seeds each cell has."""
+    if isinstance(seeds, dict):
+        for key in (method, ipc, str(ipc), 'default'):
+            if key is not None and key in seeds: return [int(s) for s in seeds[key]]
+        return [0]
     return [int(s) for s in seeds]
 
 def results_grid(paper: Paper, table: str, datasets, ipcs, methods, reference_rows: bool = True, seeds=None):
@@ -328,7 +334,7 @@ def results_grid(paper: Paper, table: str, datasets, ipcs, methods, reference_ro
     import pandas as pd
     choices = paper.datasets(datasets)
     seeds = [paper.seed] if seeds is None else seeds
-    cells = [(c, ipc, s, m) for c in choices for ipc in ipcs for s in seeds_for(seeds, ipc) for m in methods]
+    cells = [(c, ipc, s, m) for c in choices for ipc in ipcs for m in methods for s in seeds_for(seeds, ipc, m)]
     paper.compute([paper.spec(m, c, ipc, seed=s) for c, ipc, s, m in cells])       # plan, then execute
     rows = [result_row(paper, table, c, ipc, m, paper.run(m, c, ipc, seed=s)) for c, ipc, s, m in cells]
     for choice in choices:

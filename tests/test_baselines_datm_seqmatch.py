@@ -90,7 +90,9 @@ def datm_objective_falls(ds, buffer, ipc=2, iterations=6, **changes):
 @pytest.mark.parametrize('which', ['breast', 'adrenal'])
 def test_datm_lowers_its_objective_with_soft_labels(which, request):
     ds, buffer, _ = request.getfixturevalue(which)
-    out, before, after = datm_objective_falls(ds, buffer, iterations=20)
+    # smoke experts (a few epochs on 40 images a class) match worse than DATM's published gate (1.0) allows at
+    # every window: opened here, since this test is about the soft labels lowering the objective, not the gate
+    out, before, after = datm_objective_falls(ds, buffer, iterations=20, max_match_loss=None)
     print(f'{which}: DATM mean matching loss {before:.4f} -> {after:.4f} ({out.provenance["gated"]} of 20 gated)')
     assert after < 0.97 * before, (before, after)
     n = ds.n_classes * 2

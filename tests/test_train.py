@@ -78,7 +78,9 @@ def test_train_net_is_net_k_of_evaluate_synset(toy_sets):
     assert torch.allclose(flat_params(net), res.params[1], atol=1e-4) and one.acc == res.accs[1]
 
 
-@pytest.mark.parametrize('net,options', [('lenet', {'channels': (2, 3), 'hidden': (8, 6)}), ('resnet18', {'width': 2})])
+# ResNet18 at width 4: at width 2 its instance norms see two channels of a few pixels, and on CPUs without AVX-512
+# the two engines' different summation orders then end 1.7e-3 apart after one epoch (measured), above float rounding
+@pytest.mark.parametrize('net,options', [('lenet', {'channels': (2, 3), 'hidden': (8, 6)}), ('resnet18', {'width': 4})])
 def test_vmap_engine_matches_one_by_one(toy_sets, net, options):
     x, y, tx, ty = toy_sets
     kw = dict(net=net, net_options=options, epochs=1, K=2, batch_size=6, keep_params=True)
