@@ -105,9 +105,13 @@ def run_grid(tasks: dict[str, Task], root, scheduler: str | None = None, workers
         out = _sequential(tasks, root, data_root, threads, bar); bar.close()
         out.seconds = time.perf_counter() - t0
         return out
+    import dask
     from dask.distributed import Client, LocalCluster, as_completed
-    cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                  dashboard_address=None)
+    # saturation 1.0: a worker holds no more tasks than it has threads, so a task that becomes ready later (a run
+    # whose buffer just finished) is not queued behind ready ones of lower priority already handed out
+    with dask.config.set({'distributed.scheduler.worker-saturation': 1.0}):
+        cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                      dashboard_address=None)
     client = Client(scheduler or cluster)
     if scheduler and progress: print(f'grid: {len(tasks)} tasks on {scheduler} (dashboard: {client.dashboard_link})')
     try:

@@ -11,6 +11,7 @@ import torch
 import yaml
 from .data import load_dataset, file_lock, limit_train
 from .experts import ExpertConfig, generate_experts, expert_folder
+from .io import CorruptFile
 from .distill import RunFolder, SyntheticSet, get_method, METHODS
 from .train import evaluate_synset
 import importlib, pkgutil
@@ -199,14 +200,18 @@ def run(spec: RunSpec, root='outputs', data_root=None, progress: bool = True, hp
 
 # %% ../nbs/08_runs.ipynb #9d6954e1
 def results_table(root='outputs'):
-    "A DataFrame of every finished run under `root/runs` and `root/<scale>/runs`."
+    """A DataFrame of every finished run under `root/runs` and `root/<scale>/runs`; a run whose files cannot be read
+    (set aside as `.corrupt`, see `ptm_nb.io`) is a row with `bad` naming what is wrong, not a failure of the table."""
     import pandas as pd
     rows = []
     for p in sorted([*Path(root).glob('runs/*/eval.json'), *Path(root).glob('*/runs/*/eval.json')]):
-        f = RunFolder(p.parent); c, e = f.config, f.load_eval()
+        try: f = RunFolder(p.parent); c, e = f.config, f.load_eval()
+        except CorruptFile as err: c, e = None, str(err)
+        if c is None or not isinstance(e, dict):
+            rows.append({'run': p.parent.name, 'bad': e if isinstance(e, str) else 'config.json' if c is None else 'eval.json'}); continue
         rows.append({'method': c['method'], 'dataset': c['dataset'], 'ipc': c['ipc'], 'scale': c['scale'],
                      'seed': c['seed'], 'net': c['net'], 'iterations': c['hp'].get('iterations'),
                      'acc_mean': e['acc_mean'], 'acc_std': e['acc_std'],
                      'auc_mean': e['auc_mean'], 'bal_acc_mean': e['bal_acc_mean'], 'nets': e['nets'],
-                     'eval_epochs': e['epochs'], 'lr': e['lr'], 'run': p.parent.name})
+                     'eval_epochs': e['epochs'], 'lr': e['lr'], 'run': p.parent.name, 'bad': None})
     return pd.DataFrame(rows)
