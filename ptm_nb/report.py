@@ -107,7 +107,7 @@ class Paper:
         self.nb_preset = (self.preset.get('notebooks') or {}).get(notebook) or {}
         self.parameters, self.choices, self.absent, self.files, self.missing_methods = {}, [], [], [], []
         self.inputs = {}                                           # result file read -> its sha256 (see `used`)
-        from .grid import default_workers
+        from ptm_nb.grid import default_workers
         self.workers = default_workers()                          # processes of the embedded Dask cluster
         self._loaded, self.t0 = {}, time.time()
 
@@ -156,7 +156,7 @@ class Paper:
         """Plan, then execute: the expert buffers and runs that `specs` still need, as one task graph on Dask
         (`ptm_nb.grid`: an embedded LocalCluster of `self.workers` processes; 0 = in this process). Finished runs
         are no tasks, so a notebook that only reads back starts nothing."""
-        from .grid import plan, run_grid
+        from ptm_nb.grid import plan, run_grid
         tasks = plan(specs, self.root, self.hp, self.data_root, {c.used_name: c.ds for c in self.choices})
         result = run_grid(tasks, self.root, workers=self.workers, data_root=self.data_root, progress=self.progress)
         result.raise_failures()
