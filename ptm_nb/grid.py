@@ -118,7 +118,8 @@ def run_grid(tasks: dict[str, Task], root, scheduler: str | None = None, workers
         futures = {}
         for i, t in enumerate(tasks.values()):  # buffers come first: their futures exist when a run names them
             res = {'GPU': 1} if t.device.startswith('cuda') else None
-            # the order of `tasks` is the order of work: a ready task never jumps ahead of an earlier one
+            # among the tasks that are ready, the earlier in `tasks` runs first (a task that needs no buffer may still
+            # start before an earlier one that waits for its buffer: measured with sleeping tasks)
             futures[t.key] = client.submit(work, t, root, data_root, threads, *[futures[d] for d in t.deps if d in futures],
                                            key=t.key, retries=retries, pure=False, resources=res, priority=len(tasks) - i)
         out = GridResult()
