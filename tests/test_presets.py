@@ -45,9 +45,21 @@ def test_every_trajectory_matching_row_uses_flat_experts_and_plain_is_the_ablati
     assert plain['experts']['kind'] == 'plain'
 
 
-def test_mtt_start_window_covers_the_front_half_of_the_quick_experts():
-    cfg = RunSpec('mtt', 'pathmnist_subset1000', 2, 'quick').resolve()
+@pytest.mark.parametrize('dataset', ['pathmnist_subset1000', 'adrenalmnist3d'])
+def test_mtt_start_window_covers_the_front_half_of_the_quick_experts(dataset):
+    cfg = RunSpec('mtt', dataset, 2, 'quick').resolve()
     assert cfg['hp']['max_start_epoch'] == cfg['experts']['epochs'] // 2
+
+
+@pytest.mark.parametrize('scale', ['smoke', 'quick', 'paper'])
+@pytest.mark.parametrize('dataset', ['pathmnist_subset1000', 'breastmnist', 'adrenalmnist3d'])
+def test_every_trajectory_matching_run_finds_the_epochs_it_reads(scale, dataset):
+    "No preset asks for an expert epoch its experts do not have (a run would stop at its first iteration)."
+    from ptm_nb.distill import TMConfig
+    for m in TM + ['seqmatch']:
+        cfg = RunSpec(m, dataset, 2, scale).resolve()
+        knobs = {k: v for k, v in cfg['hp'].items() if k in TMConfig.__dataclass_fields__}
+        assert TMConfig(**knobs).epochs_needed() <= cfg['experts']['epochs'], (m, dataset, scale)
 
 
 def test_expert_batch_follows_the_data():
