@@ -190,6 +190,23 @@ def _cmd_readme(args) -> int:
     print(f'wrote {args.out}')
     return 0
 
+def _cmd_html(args) -> int:
+    from ptm_nb.report import outputs_root
+    root = outputs_root(args.out) / args.scale
+    try:
+        from ptm_nb.report import write_html
+        pages = write_html(root, force=args.force)
+    except ImportError as e:
+        print(f'ptm-nb html: error: {e}. Fix: pip install nbconvert (setup.sh installs it with jupyterlab)',
+              file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f'ptm-nb html: error: {e}', file=sys.stderr)
+        return 2
+    print(f'{len(pages)} page(s) rendered (the others were up to date): {root / "html" / "index.html"}, '
+          f'linked from {root / "README.md"}')
+    return 0
+
 # %% ../nbs/10_cli.ipynb #c1efd920
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='ptm-nb', description='Progressive trajectory matching for medical dataset distillation.')
@@ -255,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
                    'runs to instead (a cluster of `dask worker`s, or dask-jobqueue on SLURM); $PTM_SCHEDULER')
     b.add_argument('--no-progress', action='store_true', help='no progress bar')
     b.set_defaults(func=_cmd_reproduce)
+    h = sub.add_parser('html', help='the executed paper notebooks of a scale as static HTML under '
+                       'outputs/<scale>/html/, linked from its index page (nbconvert; nothing is re-run)')
+    h.add_argument('--scale', default='smoke', choices=['smoke', 'quick', 'paper'], help='whose notebooks')
+    h.add_argument('--out', default=None, help='outputs folder (default: outputs/ of the repository or '
+                   '$PTM_OUTPUTS)')
+    h.add_argument('--force', action='store_true', help='render every page again, even one newer than its '
+                   'notebook')
+    h.set_defaults(func=_cmd_html)
     r = sub.add_parser('readme', help='write README.md from nbs/index.ipynb (nbdev_readme needs quarto)')
     r.add_argument('--notebook', default='nbs/index.ipynb')
     r.add_argument('--out', default='README.md')

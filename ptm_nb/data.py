@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib, copy, csv, difflib, fnmatch, hashlib, io, json, os, re, tempfile, warnings, zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.request import urlopen
+from urllib.request import urlopen, Request
 
 import numpy as np
 import torch
@@ -110,7 +110,8 @@ def fetch_url(url: str, dest, algo: str, expected: str, timeout: float = 60) -> 
     try:
         with os.fdopen(fd, 'wb') as out:
             try:
-                with urlopen(url, timeout=timeout) as response:
+                # a named client: some archives refuse Python's default User-Agent
+                with urlopen(Request(url, headers={'User-Agent': 'ptm_nb'}), timeout=timeout) as response:
                     while block := response.read(1 << 20): h.update(block); out.write(block)
             except (OSError, ValueError) as e: raise _Unreachable(f'{type(e).__name__}: {e}') from e
         if h.hexdigest() != expected.lower():

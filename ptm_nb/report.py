@@ -17,14 +17,15 @@ from .train import evaluate_synset, full_data_baseline, majority_class_accuracy
 # %% auto #0
 __all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'METRICS', 'file_sha256', 'outputs_root', 'choose_dataset', 'Choice', 'cell',
            'wide_table', 'Paper', 'method_title', 'distill_seconds', 'result_row', 'seeds_for', 'results_grid',
-           'over_seeds', 'paired_differences', 'paired_table', 'curve', 'full_data_note', 'write_index',
+           'over_seeds', 'paired_differences', 'paired_table', 'curve', 'full_data_note', 'write_index', 'write_html',
            'changed_inputs', 'paper_notebook', 'select_notebooks', 'check_methods', 'check_ipcs', 'notebook_params',
            'reproduce']
 
 # %% ../nbs/09a_report.ipynb #189ede73
 REPO = Path(ptm_nb.__file__).resolve().parent.parent
 NOTEBOOKS = ('tuning', 'table1_datasets', 'table2_mnist', 'table3_highres', 'table4_cross_arch', 'table5_ipc', 'fig1b_backend',
-             'fig3_time_memory', 'fig4_stability', 'fig5_overlap', 'fig6_loss_landscape', 'fig7_tsne')
+             'fig3_time_memory', 'fig4_stability', 'fig5_overlap', 'fig6_loss_landscape', 'fig7_tsne',
+             'fig_synsets')
 
 def file_sha256(path) -> str:
     import hashlib
@@ -456,10 +457,15 @@ def write_index(root) -> Path:
         pre = records[order[0]]['preset']
         lines += [f"Preset `{root.name}`: ConvNet {pre['net_options']}, experts {pre['experts']}, evaluation {pre['eval']}, "
                   f"method caps {pre['methods']}.", '']
+    if (root / 'html' / 'index.html').exists():
+        lines += ['The executed notebooks as static HTML (`ptm-nb html`): [html/index.html](html/index.html)',
+                  '']
     for name in order:
         r = records[name]
         lines += [f'## {name}', '']
-        if (root / 'notebooks' / f'{name}.ipynb').exists(): lines.append(f'Executed notebook: [notebooks/{name}.ipynb](notebooks/{name}.ipynb)  ')
+        if (root / 'notebooks' / f'{name}.ipynb').exists():
+            page = f' ([html](html/{name}.html))' if (root / 'html' / f'{name}.html').exists() else ''
+            lines.append(f'Executed notebook: [notebooks/{name}.ipynb](notebooks/{name}.ipynb){page}  ')
         data = ', '.join(d['label'] + (' (stand-in)' if d['stand_in'] else '') for d in r['datasets']) or 'none'
         lines.append(f'Data: {data}  ')
         if r['absent']: lines.append(f"Absent (skipped): {', '.join(r['absent'])}  ")
@@ -475,6 +481,48 @@ def write_index(root) -> Path:
     path = root / 'README.md'
     atomic_write(path, lambda fh: fh.write('\n'.join(lines) + '\n'), 'w')
     return path
+
+# %% ../nbs/09a_report.ipynb #5a799a41
+def _notebook_title(nb) -> str:
+    "The first heading of a notebook's first markdown cell ('' without one)."
+    for c in nb.cells:
+        if c.cell_type == 'markdown':
+            return next((l.lstrip('# ').strip() for l in c.source.splitlines() if l.startswith('#')), '')
+    return ''
+
+def write_html(root, force: bool = False) -> list[Path]:
+    """Every executed notebook `<root>/notebooks/<name>.ipynb` as `<root>/html/<name>.html` (nbconvert's
+    lab template, nothing re-run), `<root>/html/index.html` listing them, and the index page rewritten to link
+    them. Returns the pages written; a page newer than its notebook is kept unless `force`."""
+    import html, nbformat
+    from nbconvert import HTMLExporter
+    root = Path(root); src, dst = root / 'notebooks', root / 'html'
+    found = {p.name[:-len('.ipynb')]: p for p in sorted(src.glob('*.ipynb'))
+             if not p.name.endswith('.partial.ipynb')}                     # a notebook still running
+    if not found:
+        raise FileNotFoundError(f'no executed notebook under {src}: run `ptm-nb reproduce --scale '
+                                f'{root.name}` first')
+    order = [n for n in NOTEBOOKS if n in found] + sorted(n for n in found if n not in NOTEBOOKS)
+    exporter, written, items = HTMLExporter(template_name='lab'), [], []
+    for name in order:
+        nb, page = nbformat.read(found[name], as_version=4), dst / f'{name}.html'
+        heading = _notebook_title(nb)
+        items.append(f'<li><a href="{html.escape(name)}.html">{html.escape(name)}</a>'
+                     + (f': {html.escape(heading)}' if heading else '') + '</li>')
+        if not force and page.exists() and page.stat().st_mtime_ns >= found[name].stat().st_mtime_ns: continue
+        body, _ = exporter.from_notebook_node(nb, resources={'metadata': {'name': name}})
+        atomic_write(page, lambda f: f.write(body), 'w')
+        written.append(page)
+    for old in dst.glob('*.html'):                              # a page whose notebook is gone would mislead
+        if old.name != 'index.html' and old.stem not in found: old.unlink()
+    title = f'Paper reproduction at scale {html.escape(root.name)}: the executed notebooks'
+    index = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title></head>\n<body>\n'
+             f'<h1>{title}</h1>\n<p>Rendered from <code>notebooks/</code> by <code>ptm-nb html</code>; '
+             f'tables, figures and data notes: <a href="../README.md">README.md</a>.</p>\n<ul>\n'
+             + '\n'.join(items) + '\n</ul>\n</body></html>\n')
+    atomic_write(dst / 'index.html', lambda f: f.write(index), 'w')
+    write_index(root)
+    return written
 
 # %% ../nbs/09a_report.ipynb #28cc976b
 def changed_inputs(record: dict, root) -> list[str]:

@@ -47,8 +47,8 @@ def check_against_npz(ds, path, n_classes, image_shape):
 def offline(monkeypatch):
     "No network: every urlopen raises, as it does on a machine without internet."
     calls = []
-    def refuse(url, timeout=None):
-        calls.append(url); raise URLError('network is unreachable (simulated)')
+    def refuse(request, timeout=None):
+        calls.append(request.full_url); raise URLError('network is unreachable (simulated)')
     monkeypatch.setattr(data, 'urlopen', refuse)
     return calls
 
@@ -161,8 +161,9 @@ def test_absent_flag_offline_says_where_to_put_it(tmp_path, offline):
 def test_download_is_verified_and_atomic(need_file, tmp_path, monkeypatch):
     payload = need_file('breastmnist.npz').read_bytes()
     urls = []
-    def serve(url, timeout=None):
-        urls.append(url); return FakeResponse(payload)
+    def serve(request, timeout=None):
+        assert request.get_header('User-agent') == 'ptm_nb'     # a named client, not Python's default
+        urls.append(request.full_url); return FakeResponse(payload)
     monkeypatch.setattr(data, 'urlopen', serve)
     ds = load_dataset('breastmnist', root=tmp_path / 'new_root')      # the root is created
     assert urls == [medmnist_info()['breastmnist']['url']] and ds.counts['train'] == 546
