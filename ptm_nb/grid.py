@@ -111,7 +111,7 @@ def run_grid(tasks: dict[str, Task], root, scheduler: str | None = None, workers
     # whose buffer just finished) is not queued behind ready ones of lower priority already handed out
     with dask.config.set({'distributed.scheduler.worker-saturation': 1.0}):
         cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                      dashboard_address=None)
+                                                      dashboard_address=':0')
     client = Client(scheduler or cluster)
     if scheduler and progress: print(f'grid: {len(tasks)} tasks on {scheduler} (dashboard: {client.dashboard_link})')
     try:

@@ -51,7 +51,7 @@ def test_a_given_scheduler_runs_the_graph(tmp_path, data_dir, monkeypatch):
     "`scheduler=` (or $PTM_SCHEDULER) sends the graph to a running cluster, here one started by the test."
     distributed = pytest.importorskip('distributed')
     specs = _specs()[:2]
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster:
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=':0') as cluster:
         monkeypatch.setenv('PTM_SCHEDULER', cluster.scheduler_address)
         out = run_grid(plan(specs, tmp_path), tmp_path, progress=False)
         assert not out.failed and len(out.done) == 3
