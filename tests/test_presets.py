@@ -83,7 +83,7 @@ def test_3d_caps_follow_the_shape_not_the_name():
 
 
 def test_the_sweep_gives_every_method_the_same_effort():
-    for scale in ('smoke', 'quick'):
+    for scale in ('smoke', 'quick', 'paper'):          # every scale that reproduce runs has its sweep
         specs = sweep_specs(scale)
         counts = pd.Series([s.method for s in specs]).value_counts()
         assert counts.nunique() == 1 and 'ptm' in counts
