@@ -52,11 +52,11 @@ def synset_kind(path) -> str:
 # %% ../nbs/10a_evaluate.ipynb #7a966742
 def torch_load(path):
     "`torch.load(path, weights_only=True)` on the CPU; a file that cannot be read is a SynsetError naming it."
-    try: return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        why = (str(e).strip().splitlines() or [''])[0][:160]
-        raise SynsetError(f'{path}: cannot be read by torch.load(weights_only=True) ({type(e).__name__}: '
-                          f'{why}). Fix: save plain tensors and numbers, e.g. torch.save(x.detach().cpu(), '
+    from ptm_nb.io import read_tensors, CorruptFile        # the project's one safe reader
+    try: return read_tensors(path)
+    except (CorruptFile, OSError) as e:
+        why = (str(e).strip().splitlines() or [''])[0][:200]
+        raise SynsetError(f'{why}. Fix: save plain tensors and numbers, e.g. torch.save(x.detach().cpu(), '
                           f'path)') from None
 
 def read_lr(value, where: str) -> float | None:
