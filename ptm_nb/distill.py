@@ -18,9 +18,9 @@ from .ptm import (progressive_target, progressive_steps, split_halves, overlap_l
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'INITS', 'METHODS', 'atomic_torch_save', 'SyntheticSet', 'TMConfig', 'start_bounds', 'match_window',
-           'initial_images', 'expert_logits', 'soft_labels_from_experts', 'correct_initial_images', 'starting_set',
-           'MemoryMeter', 'peak_memory_mb', 'check_frozen', 'distill_tm', 'RunFolder', 'Method', 'register_method',
-           'get_method', 'random_real']
+           'initial_syn_lr', 'initial_images', 'expert_logits', 'soft_labels_from_experts', 'correct_initial_images',
+           'starting_set', 'MemoryMeter', 'peak_memory_mb', 'check_frozen', 'distill_tm', 'RunFolder', 'Method',
+           'register_method', 'get_method', 'random_real']
 
 # %% ../nbs/07_distill.ipynb #e28fbea4
 def atomic_torch_save(obj, path):
@@ -82,7 +82,7 @@ class TMConfig:
     n_experts: int | None = None        # use the first n experts of the buffer (None: all)
     lr_img: float = 100.0
     lr_lr: float = 1e-7
-    lr_init: float | None = None        # initial syn_lr (None: the experts' lr)
+    lr_init: float | str | None = None  # initial syn_lr: None = the experts' lr; 'matched' = see initial_syn_lr
     img_momentum: float = 0.5
     lr_momentum: float = 0.5
     batch_syn: int | None = None        # student minibatch (None: every image each step)
@@ -121,6 +121,9 @@ class TMConfig:
         if not self.lr_label > 0: bad('lr_label', 'must be > 0')
         if not 0 <= self.label_momentum < 1: bad('label_momentum', 'must be in [0, 1)')
         if self.max_match_loss is not None and not self.max_match_loss > 0: bad('max_match_loss', 'must be > 0 or None')
+        if isinstance(self.lr_init, str) and self.lr_init != 'matched': bad('lr_init', "a number, None or 'matched'")
+        if isinstance(self.lr_init, (int, float)) and not (math.isfinite(self.lr_init) and self.lr_init > 0):
+            bad('lr_init', 'must be a positive number')
 
     def epochs_needed(self) -> int:
         "The expert epochs the run reads: the largest target epoch (and the label epoch, when one is read)."
@@ -152,6 +155,15 @@ def match_window(iteration: int, cfg: TMConfig, generator: torch.Generator) -> t
         lo, hi = (half, cfg.max_start_epoch) if back else (0, max(half, 1))
         start = int(torch.randint(lo, hi, (1,), generator=generator))
     return start, start + cfg.expert_epochs, cfg.syn_steps
+
+# %% ../nbs/07_distill.ipynb #689ed3eb
+def initial_syn_lr(cfg: TMConfig, expert_lr: float, expert_steps_per_epoch: int) -> float:
+    "The student's first step size: `cfg.lr_init`, the experts' lr (None), or the lr that matches path lengths."
+    if cfg.lr_init is None: return float(expert_lr)
+    if cfg.lr_init != 'matched': return float(cfg.lr_init)
+    epochs, steps = ((cfg.max_target_epoch, cfg.syn_steps) if cfg.schedule == 'progressive' else
+                     (cfg.expert_epochs, cfg.syn_steps))
+    return float(expert_lr) * expert_steps_per_epoch * epochs / steps
 
 # %% ../nbs/07_distill.ipynb #ca5aac8e
 def initial_images(train_x, train_y, n_classes: int, ipc: int, init: str, generator: torch.Generator):
@@ -278,7 +290,8 @@ def distill_tm(ds, experts, cfg: TMConfig, ipc: int, seed: int = 0, device='cpu'
                                                                                    cfg.label_epoch, x.to(device)))
     images = images.to(device).requires_grad_(True); labels = labels.to(device).requires_grad_(cfg.soft_labels)
     fx, fy = (None, None) if frozen is None else check_frozen(frozen, images, labels, device)
-    syn_lr = SynLR.from_config(cfg.lr_init or experts.config['lr'], ucfg, device=device)
+    expert_steps = math.ceil(len(ds.train_x) / experts.config['batch'])        # the experts' SGD steps an epoch
+    syn_lr = SynLR.from_config(initial_syn_lr(cfg, experts.config['lr'], expert_steps), ucfg, device=device)
     opt_img = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.img_momentum)
     opt_lr = torch.optim.SGD(syn_lr.parameters(), lr=syn_lr.raw_lr_for(cfg.lr_lr), momentum=cfg.lr_momentum)
     opt_label = torch.optim.SGD([labels], lr=cfg.lr_label, momentum=cfg.label_momentum) if cfg.soft_labels else None

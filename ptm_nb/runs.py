@@ -112,6 +112,7 @@ class RunSpec:
             head, _, tail = key.partition('.')
             if tail and isinstance(cfg.get(head), dict): cfg[head][tail] = value
             elif key in ('net',): cfg[key] = value
+            elif value is None and key not in cfg['hp']: continue   # null for a knob the preset leaves out: its default
             else: cfg['hp'][key] = value
         # PTM's last stage is the end of the trajectory: max_target_epoch null = the experts' last epoch
         if cfg['experts'] and 'max_target_epoch' in cfg['hp'] and cfg['hp']['max_target_epoch'] is None:

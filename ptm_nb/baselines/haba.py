@@ -12,7 +12,7 @@ from torch import nn
 from ..augment import DSAConfig, dsa_draw, dsa_apply
 from ..nets import make_net, functional
 from ..unroll import UnrollConfig, SynLR, unroll_student, matching_loss, NonFiniteGuard
-from ..distill import SyntheticSet, TMConfig, initial_images, match_window, register_method
+from ..distill import SyntheticSet, TMConfig, initial_images, initial_syn_lr, match_window, register_method
 from .common import baseline_net, embed, Resumable
 
 # %% auto #0
@@ -249,7 +249,8 @@ def distill_haba(ds, experts, ipc: int, cfg: HaBaConfig, net: str = 'convnet', n
     extractor = baseline_net(ds, {'net': net, 'net_options': net_options or {}}, gen, device)
     base_labels = torch.arange(C, device=device).repeat_interleave(plan.bases_per_class)
     labels = base_labels.repeat_interleave(plan.n_hallucinators)
-    syn_lr = SynLR.from_config(max(tm.lr_init or experts.config['lr'], cfg.lr_min), ucfg, device=device)
+    lr0 = initial_syn_lr(tm, experts.config['lr'], math.ceil(len(ds.train_x) / experts.config['batch']))
+    syn_lr = SynLR.from_config(max(lr0, cfg.lr_min), ucfg, device=device)
     opt_bases = torch.optim.SGD([bases], lr=tm.lr_img, momentum=tm.img_momentum)
     opt_halluc = torch.optim.SGD(hallucinators.parameters(), lr=cfg.lr_halluc, momentum=cfg.halluc_momentum)
     opt_lr = torch.optim.SGD(syn_lr.parameters(), lr=syn_lr.raw_lr_for(tm.lr_lr), momentum=tm.lr_momentum)
