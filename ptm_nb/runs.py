@@ -16,6 +16,7 @@ from .distill import RunFolder, SyntheticSet, get_method, METHODS
 from .train import evaluate_synset
 import importlib, pkgutil
 import ptm_nb.baselines
+import ptm_nb.ptm          # registers PTM
 
 def register_baselines() -> list[str]:
     "Import every module of `ptm_nb.baselines` (each registers its methods); returns the module names."

@@ -10,7 +10,8 @@ import ptm_nb.baselines.seqmatch as seq_mod
 import ptm_nb.runs as runs
 from ptm_nb.augment import DSAConfig
 from ptm_nb.data import load_dataset
-from ptm_nb.distill import RunFolder, distill_tm, starting_set, expert_logits, initial_images, start_bounds
+from ptm_nb.distill import RunFolder, distill_tm, initial_images
+from ptm_nb.baselines.datm import starting_set, expert_logits
 from ptm_nb.experts import ExpertConfig, ExpertBuffer, generate_experts
 from ptm_nb.nets import make_net, functional
 from ptm_nb.runs import RunSpec, run
@@ -76,12 +77,12 @@ def mean_matching_loss(ds, hp, buffer, images, labels, lr, starts, frozen=None, 
 def datm_objective_falls(ds, buffer, ipc=2, iterations=6, **changes):
     hp, _ = smoke('datm', ds.name, ipc)
     hp.update(iterations=iterations, **changes)
-    cfg, _, _ = datm_mod.datm_config(hp)
+    cfg, (hooks,), _, _ = datm_mod.datm_config(hp)
     f = functional(make_net(hp['net'], ds.image_shape, ds.n_classes, **hp['net_options']))
-    images0, logits0, _ = starting_set(ds, cfg, ipc, torch.Generator().manual_seed(0),
+    images0, logits0, _ = starting_set(ds, cfg.init, hooks.soft_labels, ipc, torch.Generator().manual_seed(0),
                                        lambda x: expert_logits(f, buffer, len(buffer), -1, x))
     out = datm_mod.datm(ds, ipc, hp, buffer, 0, 'cpu', None, False)
-    starts = range(*start_bounds(cfg.iterations - 1, cfg))
+    starts = range(*hooks.bounds(cfg.iterations - 1, cfg))
     before = mean_matching_loss(ds, hp, buffer, images0, logits0, buffer.config['lr'], starts, soft=True)
     after = mean_matching_loss(ds, hp, buffer, out.images, out.labels.log(), out.lr, starts, soft=True)
     return out, before, after
@@ -115,25 +116,28 @@ def test_datm_same_seed_same_set_and_exact_resume(breast, tmp_path):
     class Kill(Exception): pass
     def kill_at_3(it, images, lr):
         if it == 3: raise Kill
-    cfg, net, net_options = datm_mod.datm_config(hp)
+    cfg, hooks, net, net_options = datm_mod.datm_config(hp)
     with pytest.raises(Kill):
         distill_tm(ds, buffer, cfg, 2, 5, 'cpu', RunFolder(tmp_path / 'killed'), net, net_options, False,
-                   on_iteration=kill_at_3)
+                   on_iteration=kill_at_3, hooks=hooks)
     saved = RunFolder(tmp_path / 'killed').load_checkpoint()
-    assert saved['state']['iteration'] == 2 and saved['labels'].shape == (4, 2)   # soft labels are checkpointed
+    assert saved['state']['iteration'] == 2 and saved['loop']['labels'].shape == (4, 2)   # soft labels are checkpointed
     resumed = datm_mod.datm(ds, 2, hp, buffer, 5, 'cpu', RunFolder(tmp_path / 'killed'), False)
     assert torch.equal(resumed.images, whole.images) and torch.equal(resumed.labels, whole.labels)
     assert resumed.lr == whole.lr
 
 
 def test_datm_bad_knobs_are_named():
-    from ptm_nb.distill import TMConfig
-    with pytest.raises(ValueError, match='TMConfig.min_start_epoch=4'):
-        TMConfig(schedule='growing', min_start_epoch=4, max_start_epoch=4)
-    with pytest.raises(ValueError, match='TMConfig.max_start_epoch_final=2'):
-        TMConfig(schedule='growing', max_start_epoch=4, max_start_epoch_final=2)
+    from ptm_nb.distill import TMConfig, epochs_needed, check_hooks
+    from ptm_nb.baselines.datm import DATMHooks
+    with pytest.raises(ValueError, match='datm: min_start_epoch=4'):
+        epochs_needed(TMConfig(schedule='growing', max_start_epoch=4), [DATMHooks(min_start_epoch=4)])
+    with pytest.raises(ValueError, match='datm: max_start_epoch_final=2'):
+        epochs_needed(TMConfig(schedule='growing', max_start_epoch=4), [DATMHooks(max_start_epoch_final=2)])
     with pytest.raises(ValueError, match="TMConfig.init='best'"):
-        TMConfig(init='best')
+        check_hooks(TMConfig(init='best'), [DATMHooks()])
+    with pytest.raises(ValueError, match='lr_label'):
+        DATMHooks(lr_label=0)
 
 
 # ---------------------------------------------------------------- SeqMatch

@@ -5,6 +5,8 @@ import pytest
 import torch
 import ptm_nb.distill as distill
 from ptm_nb.distill import TMConfig, RunFolder, distill_tm, get_method, METHODS
+from ptm_nb.ptm import PTMHooks
+from ptm_nb.baselines.ftd import EMAHooks
 from ptm_nb.experts import ExpertConfig, generate_experts
 
 
@@ -27,7 +29,7 @@ def tiny(tmp_path_factory):
 
 pytestmark = pytest.mark.usefixtures('one_thread')   # see conftest.py
 
-CFG = dict(iterations=5, syn_steps=3, max_start_epoch=2, expert_epochs=1, max_target_epoch=2, lr_img=10, lr_lr=1e-5)
+CFG = dict(iterations=5, syn_steps=3, max_start_epoch=2, expert_epochs=1, lr_img=10, lr_lr=1e-5)
 
 
 def test_nan_never_reaches_the_images(tiny, tmp_path, monkeypatch):
@@ -40,7 +42,8 @@ def test_nan_never_reaches_the_images(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(distill, 'matching_loss', poisoned)
     seen = []
     synset = distill_tm(ds, experts, TMConfig(schedule='progressive', **CFG), ipc=2, seed=0, run=RunFolder(tmp_path),
-                        net_options=net, progress=False, on_iteration=lambda it, im, lr: seen.append(im.detach().clone()))
+                        net_options=net, progress=False, on_iteration=lambda it, im, lr: seen.append(im.detach().clone()),
+                        hooks=[PTMHooks(max_target_epoch=2)])
     assert torch.equal(seen[2], seen[1])                           # iteration 3's update was skipped ...
     assert not torch.equal(seen[3], seen[2])                       # ... and the run went on
     assert all(torch.isfinite(s).all() for s in seen) and torch.isfinite(synset.images).all()
@@ -53,7 +56,8 @@ def test_nan_never_reaches_the_images(tiny, tmp_path, monkeypatch):
 def test_presets_reproducible_and_moving(tiny, method):
     ds, experts, net = tiny
     hp = {**CFG, **{'mtt': {}, 'mtt_backend': {'schedule': 'backend', 'backend_p': 1.0}, 'smdd': {'prune_fraction': 0.1},
-                    'ptm': {'schedule': 'progressive', 'steps': 'proportional', 'beta_overlap': 0.005, 'retrain_k': 1}}[method],
+                    'ptm': {'schedule': 'progressive', 'steps': 'proportional', 'beta_overlap': 0.005, 'retrain_k': 1,
+                            'max_target_epoch': 2}}[method],
           'net_options': net}
     fn = get_method(method).fn
     a = fn(ds, 2, hp, experts, 3, 'cpu', None, False)
@@ -67,8 +71,8 @@ def test_presets_reproducible_and_moving(tiny, method):
 def test_ema_is_what_ftd_returns(tiny):
     ds, experts, net = tiny
     seen = []
-    out = distill_tm(ds, experts, TMConfig(ema_decay=0.5, **CFG), ipc=2, seed=0, net_options=net, progress=False,
-                     on_iteration=lambda it, im, lr: seen.append(im.detach().clone()))
+    out = distill_tm(ds, experts, TMConfig(**CFG), ipc=2, seed=0, net_options=net, progress=False,
+                     on_iteration=lambda it, im, lr: seen.append(im.detach().clone()), hooks=[EMAHooks(ema_decay=0.5)])
     init, _ = distill.initial_images(ds.train_x, ds.train_y, 3, 2, 'real', torch.Generator().manual_seed(0))
     ema = init.clone()
     for s in seen: ema = 0.5 * ema + 0.5 * s
@@ -79,6 +83,14 @@ def test_experts_too_short_is_a_clear_error(tiny):
     ds, experts, net = tiny
     with pytest.raises(ValueError, match='epochs'):
         distill_tm(ds, experts, TMConfig(**{**CFG, 'max_start_epoch': 5}), ipc=2, net_options=net, progress=False)
+
+
+def test_a_knob_of_another_method_is_refused_before_any_work(tiny):
+    ds, experts, net = tiny
+    with pytest.raises(ValueError, match="mtt: unknown hyper-parameter.*'beta_overlap'"):
+        get_method('mtt').fn(ds, 2, {**CFG, 'beta_overlap': 0.1}, experts, 0, 'cpu', None, False)
+    with pytest.raises(ValueError, match="schedule='progressive'"):          # PTM's window without PTM's hooks
+        distill_tm(ds, experts, TMConfig(schedule='progressive', **CFG), ipc=2, net_options=net, progress=False)
 
 
 def test_registry_lists_every_method():

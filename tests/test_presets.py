@@ -55,11 +55,14 @@ def test_mtt_start_window_covers_the_front_half_of_the_quick_experts(dataset):
 @pytest.mark.parametrize('dataset', ['pathmnist_subset1000', 'breastmnist', 'adrenalmnist3d'])
 def test_every_trajectory_matching_run_finds_the_epochs_it_reads(scale, dataset):
     "No preset asks for an expert epoch its experts do not have (a run would stop at its first iteration)."
-    from ptm_nb.distill import TMConfig
+    from ptm_nb.distill import TMConfig, TM_HOOKS, tm_parts, epochs_needed
+    from ptm_nb.baselines.datm import datm_config
     for m in TM + ['seqmatch']:
         cfg = RunSpec(m, dataset, 2, scale).resolve()
-        knobs = {k: v for k, v in cfg['hp'].items() if k in TMConfig.__dataclass_fields__}
-        assert TMConfig(**knobs).epochs_needed() <= cfg['experts']['epochs'], (m, dataset, scale)
+        if m == 'datm': tm, hooks = datm_config(cfg['hp'])[:2]
+        elif m in TM_HOOKS: tm, hooks = tm_parts(m, cfg['hp'])[:2]
+        else: tm, hooks = TMConfig(**{k: v for k, v in cfg['hp'].items() if k in TMConfig.__dataclass_fields__}), []
+        assert epochs_needed(tm, hooks) <= cfg['experts']['epochs'], (m, dataset, scale)
 
 
 def test_expert_batch_follows_the_data():

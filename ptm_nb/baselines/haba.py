@@ -203,10 +203,6 @@ class HaBaConfig:
     batch_adv: int | None = None         # bases per adversarial / extractor step (None: all)
 
     def __post_init__(self):
-        for name, off in REFUSED_TM.items():
-            if getattr(self.tm, name, off) != off:
-                raise ValueError(f'haba: {name}={getattr(self.tm, name)!r} is not part of HaBa (another method\'s knob): '
-                                 f'leave it at {off!r}')
         if self.tm.init not in ('real', 'noise'):
             raise ValueError(f"haba: init={self.tm.init!r}: the bases start from 'real' images or 'noise'")
         if self.kernel < 1 or self.n_hallucinators < 2:
@@ -220,6 +216,11 @@ class HaBaConfig:
         tm_names = {f.name for f in dataclasses.fields(TMConfig)}
         own = {f.name for f in dataclasses.fields(cls)} - {'tm'}
         knobs = {k: v for k, v in hp.items() if k not in ('net', 'net_options')}
+        for name, off in REFUSED_TM.items():
+            if knobs.get(name, off) != off:
+                raise ValueError(f'haba: {name}={knobs[name]!r} is not part of HaBa (another method\'s knob): '
+                                 f'leave it at {off!r}')
+        knobs = {k: v for k, v in knobs.items() if k not in REFUSED_TM}
         unknown = sorted(set(knobs) - tm_names - own)
         if unknown: raise ValueError(f'haba: unknown hyper-parameter(s) {unknown}; known: {sorted(tm_names | own)}')
         tm = TMConfig(**{**TM_DEFAULTS, **{k: v for k, v in knobs.items() if k in tm_names}})

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from ..data import file_lock
 from ..experts import WarmStart, generate_experts
-from ..distill import TMConfig, SyntheticSet, RunFolder, distill_tm, register_method
+from ..distill import TMConfig, TMHooks, SyntheticSet, RunFolder, distill_tm, register_method
 
 # %% auto #0
-__all__ = ['SEQMATCH_KNOBS', 'split_ipc', 'merge_class_major', 'stage_experts', 'stage_seed', 'seqmatch']
+__all__ = ['SEQMATCH_KNOBS', 'split_ipc', 'merge_class_major', 'stage_experts', 'check_frozen', 'FrozenSubsets', 'stage_seed',
+           'seqmatch']
 
 # %% ../../nbs/07g_seqmatch.ipynb #456cf78d
 def split_ipc(ipc: int, n_subsets: int = 2, subset_ipcs: list | None = None) -> list[int]:
@@ -48,6 +49,28 @@ def stage_experts(ds, experts, stages: list, n_experts: int, epochs: int, warm_e
     root = experts.folder.parent
     with file_lock(root / '.lock'): return generate_experts(ds, cfg, root, progress=progress)
 
+# %% ../../nbs/07g_seqmatch.ipynb #4c35a024
+from dataclasses import dataclass
+
+def check_frozen(frozen, images: torch.Tensor, labels: torch.Tensor, device):
+    "The frozen (images, labels) on `device`, checked against the images and labels being learned."
+    fx, fy = frozen
+    if tuple(fx.shape[1:]) != tuple(images.shape[1:]) or len(fx) != len(fy):
+        raise ValueError(f'frozen images {tuple(fx.shape)} with {len(fy)} labels: expected one label per image of '
+                         f'shape {tuple(images.shape[1:])}, as the synthetic images')
+    if fy.is_floating_point() != labels.is_floating_point() or fy.shape[1:] != labels.shape[1:]:
+        raise ValueError(f'frozen labels are {fy.dtype} {tuple(fy.shape)} but the learned ones {labels.dtype} '
+                         f'{tuple(labels.shape)}: give hard labels with hard labels, (n, C) logits with soft labels')
+    return fx.detach().to(device, images.dtype), fy.detach().to(device, labels.dtype)
+
+@dataclass
+class FrozenSubsets(TMHooks):
+    "The earlier subsets (images, labels) join every student minibatch and are never updated."
+    frozen: tuple = ()
+
+    def setup(self, r): self.fx, self.fy = check_frozen(self.frozen, r.images, r.labels, r.device)
+    def batch(self, r, x, y): return torch.cat([self.fx, x]), torch.cat([self.fy, y])
+
 # %% ../../nbs/07g_seqmatch.ipynb #1e1a0518
 SEQMATCH_KNOBS = ('n_subsets', 'subset_ipcs', 'warm_epochs', 'stage_experts', 'stage_expert_epochs')
 
@@ -75,7 +98,8 @@ def seqmatch(ds, ipc, hp, experts, seed, device, run, progress) -> SyntheticSet:
         if part is None:
             frozen = merge_class_major([(x, y) for x, y, _ in stages], ds.n_classes) if stages else None
             part = distill_tm(ds, buffer, dataclasses.replace(cfg, n_experts=min(len(buffer), cfg.n_experts or len(buffer))),
-                              ipc_k, stage_seed(seed, k), device, folder, net, net_options, progress, frozen=frozen)
+                              ipc_k, stage_seed(seed, k), device, folder, net, net_options, progress,
+                              hooks=[FrozenSubsets(frozen)] if frozen else ())
             if folder is not None:
                 folder.save_synset(part)
                 run.log({'iteration': (k + 1) * cfg.iterations, 'stage': k, 'subset_ipc': ipc_k, 'syn_lr': part.lr,
