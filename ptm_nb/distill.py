@@ -13,6 +13,7 @@ from .io import atomic_write, read_json, read_tensors, read_or_quarantine, Corru
 from .nets import make_net, functional
 from .unroll import UnrollConfig, SynLR, unroll_student, matching_loss, NonFiniteGuard
 from .baselines.common import Resumable
+from .data import real_per_class
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'INITS', 'METHODS', 'TM_HOOKS', 'atomic_torch_save', 'SyntheticSet', 'TMConfig', 'match_window',
@@ -132,14 +133,8 @@ def initial_images(train_x, train_y, n_classes: int, ipc: int, init: str, genera
     labels = torch.arange(n_classes).repeat_interleave(ipc)
     if init == 'noise':
         return torch.randn((n_classes * ipc, *train_x.shape[1:]), generator=generator).to(train_x), labels.to(train_x.device)
-    picks = []
-    for c in range(n_classes):
-        idx = (train_y == c).nonzero().flatten().cpu()
-        if len(idx) < ipc:
-            raise ValueError(f'class {c} has {len(idx)} training images, fewer than ipc={ipc}: lower ipc to at most '
-                             f'{len(idx)} or use init="noise"')
-        picks.append(idx[torch.randperm(len(idx), generator=generator)[:ipc]])
-    return train_x[torch.cat(picks).to(train_x.device)].clone(), labels.to(train_x.device)
+    images, _ = real_per_class(train_x, train_y, n_classes, ipc, generator)    # one per-class sampler everywhere
+    return images, labels.to(train_x.device)
 
 # %% ../nbs/07_distill.ipynb #41f786f2
 class MemoryMeter:
