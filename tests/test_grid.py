@@ -56,3 +56,33 @@ def test_a_given_scheduler_runs_the_graph(tmp_path, data_dir, monkeypatch):
         out = run_grid(plan(specs, tmp_path), tmp_path, progress=False)
         assert not out.failed and len(out.done) == 3
     assert plan(specs, tmp_path) == {}
+
+
+def test_a_killed_worker_changes_nothing(tmp_path, data_dir):
+    """A worker process killed (SIGKILL) in the middle of a run: the cluster starts a new one, the run is done again
+    from its last checkpoint, and the graph ends with the set of an undisturbed run, bit for bit."""
+    import os, signal, threading, time
+    distributed = pytest.importorskip('distributed')
+    from ptm_nb.distill import RunFolder
+    spec = RunSpec('mtt', 'breastmnist', 1, 'smoke', device='cpu', overrides={'iterations': 40, 'checkpoint_every': 3})
+    rid = run_id(spec.resolve())
+    calm = run_grid(plan([spec], tmp_path / 'calm'), tmp_path / 'calm', workers=0, progress=False)
+    folder, killed = tmp_path / 'killed' / 'runs' / rid, []
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=':0') as cluster, \
+            distributed.Client(cluster) as client:
+        def kill_after_first_checkpoint():
+            while not (folder / 'checkpoint.pt').exists(): time.sleep(0.01)
+            finished_before = (folder / 'synset.pt').exists()
+            for pid in client.run(os.getpid).values(): os.kill(pid, signal.SIGKILL)
+            killed.append(finished_before)
+        watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+        watcher.start()
+        out = run_grid(plan([spec], tmp_path / 'killed'), tmp_path / 'killed', scheduler=cluster.scheduler_address,
+                       progress=False)
+        watcher.join(timeout=10)
+    assert killed == [False] and not calm.failed and not out.failed, (killed, out.failed)   # killed mid-run
+    assert RunFolder(folder).load_checkpoint() is not None and len(RunFolder(folder).metrics()) == 40
+    assert [r['iteration'] for r in RunFolder(folder).metrics()] == list(range(1, 41))    # each iteration once
+    a = SyntheticSet.load(tmp_path / 'calm' / 'runs' / rid / 'synset.pt')
+    b = SyntheticSet.load(folder / 'synset.pt')
+    assert torch.equal(a.images, b.images) and a.lr == b.lr
