@@ -81,6 +81,13 @@ def default_workers() -> int:
     return int(os.environ.get('PTM_WORKERS', os.cpu_count() or 1))
 
 # %% ../nbs/08b_grid.ipynb #2f8fab0f
+def _by_kind(tasks, out) -> str:
+    "Progress by kind of task: 'experts 1/2 · runs 3/16 · failed 1'."
+    total = {k: sum(t.kind == k for t in tasks.values()) for k in ('experts', 'run')}
+    done = {k: sum(tasks[key].kind == k for key in (*out.done, *out.failed) if key in tasks) for k in total}
+    parts = [f'{"runs" if k == "run" else k} {done[k]}/{n}' for k, n in total.items() if n]
+    return ' · '.join(parts + ([f'failed {len(out.failed)}'] if out.failed else []))
+
 def _sequential(tasks, root, data_root, threads, bar) -> GridResult:
     out = GridResult()
     for t in tasks.values():
@@ -88,7 +95,7 @@ def _sequential(tasks, root, data_root, threads, bar) -> GridResult:
             out.failed[t.key] = f'skipped: {", ".join(t.deps)} failed'; bar.update(); continue
         try: out.done[t.key] = work(t, root, data_root, threads)
         except Exception: out.failed[t.key] = traceback.format_exc()
-        bar.update()
+        bar.set_postfix_str(_by_kind(tasks, out)); bar.update()
     return out
 
 def run_grid(tasks: dict[str, Task], root, scheduler: str | None = None, workers: int | None = None,
@@ -128,7 +135,7 @@ def run_grid(tasks: dict[str, Task], root, scheduler: str | None = None, workers
             else:
                 err = fut.exception()
                 out.failed[fut.key] = ''.join(traceback.format_exception(type(err), err, err.__traceback__))
-            bar.set_postfix_str(f'failed {len(out.failed)}' if out.failed else ''); bar.update()
+            bar.set_postfix_str(_by_kind(tasks, out)); bar.update()
     finally:
         bar.close(); client.close()
         if cluster is not None: cluster.close()
