@@ -4,18 +4,12 @@
 
 # %% ../nbs/10_cli.ipynb #9876f352
 from __future__ import annotations
-import argparse, json, os, sys, tempfile
+import argparse, json, os, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['FAMILIES', 'MEDMNIST_RECORD', 'atomic_write_text', 'render_readme', 'method_family', 'methods_lines',
-           'no_data_message', 'build_parser', 'main']
-
-# %% ../nbs/10_cli.ipynb #99d9be92
-def atomic_write_text(path, text: str):
-    "Write `text` to `path` through a temporary file and a rename (`ptm_nb.data.atomic_write`)."
-    from ptm_nb.data import atomic_write
-    return atomic_write(path, lambda f: f.write(text), 'w')
+__all__ = ['FAMILIES', 'MEDMNIST_RECORD', 'render_readme', 'method_family', 'methods_lines', 'no_data_message', 'build_parser',
+           'main']
 
 # %% ../nbs/10_cli.ipynb #5dc7794c
 def render_readme(nb_path='nbs/index.ipynb') -> str:
@@ -85,8 +79,10 @@ def _cmd_datasets(args) -> int:
         print(report.to_string(index=False))
     broken = report[report['status'].astype(str).str.startswith('error')] if 'status' in report else report.iloc[:0]
     if args.out:
+        from ptm_nb.io import write_text_atomic
         p = Path(args.out)
-        atomic_write_text(p, report.to_csv(index=False) if p.suffix == '.csv' else report.to_markdown(index=False))
+        text = report.to_csv(index=False) if p.suffix == '.csv' else report.to_markdown(index=False)
+        write_text_atomic(p, text)
         print(f'wrote {p}')
     if len(broken):
         print(f'ptm-nb datasets: error: {len(broken)} dataset(s) present but broken: ' + ', '.join(broken['name']), file=sys.stderr)
@@ -186,7 +182,8 @@ def _cmd_readme(args) -> int:
         same = Path(args.out).exists() and Path(args.out).read_text(encoding='utf-8') == text
         if not same: print(f'{args.out} is out of step with {args.notebook}: run `ptm-nb readme`', file=sys.stderr)
         return 0 if same else 1
-    atomic_write_text(args.out, text)
+    from ptm_nb.io import write_text_atomic
+    write_text_atomic(args.out, text)
     print(f'wrote {args.out}')
     return 0
 

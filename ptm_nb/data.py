@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #c716f6fa
 from __future__ import annotations
-import contextlib, copy, csv, difflib, fnmatch, hashlib, io, json, os, re, tempfile, warnings, zipfile
+import copy, csv, difflib, fnmatch, hashlib, io, json, os, re, tempfile, warnings, zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.request import urlopen, Request
@@ -12,15 +12,16 @@ from urllib.request import urlopen, Request
 import numpy as np
 import torch
 import yaml
+# ptm_nb.picture still imports atomic_write from here (nbs/07h_picture.ipynb); it lives in ptm_nb.io
+from .io import atomic_write, file_digest, write_json_atomic
 
 # %% auto #0
 __all__ = ['SPLITS', 'NPZ_KEYS', 'MEDMNIST_SIZES', 'KINDS', 'CACHE_FORMAT', 'DatasetError', 'data_root', 'cache_root',
-           'medmnist_info', 'medmnist_default_root', 'file_digest', 'check_digest', 'fetch_url',
-           'project_manifest_path', 'load_manifest', 'resolve_name', 'medmnist_sizes', 'medmnist_file',
-           'medmnist_source', 'dataset_meta', 'npz_headers', 'atomic_write', 'save_npz_atomic', 'file_lock',
-           'check_npz_layout', 'read_labels', 'images_to_tensor', 'channel_mean_std', 'normalise_images', 'MedDataset',
-           'stratified_split', 'decode_image', 'ingest_image_folder', 'locate_npz', 'load_dataset', 'class_indices',
-           'real_per_class', 'limit_train', 'dataset_stats', 'dataset_present', 'dataset_report']
+           'medmnist_info', 'medmnist_default_root', 'check_digest', 'fetch_url', 'project_manifest_path',
+           'load_manifest', 'resolve_name', 'medmnist_sizes', 'medmnist_file', 'medmnist_source', 'dataset_meta',
+           'npz_headers', 'check_npz_layout', 'read_labels', 'images_to_tensor', 'channel_mean_std', 'normalise_images',
+           'MedDataset', 'stratified_split', 'decode_image', 'ingest_image_folder', 'locate_npz', 'load_dataset',
+           'class_indices', 'real_per_class', 'limit_train', 'dataset_stats', 'dataset_present', 'dataset_report']
 
 # %% ../nbs/00_data.ipynb #fd43012a
 class DatasetError(ValueError):
@@ -72,22 +73,9 @@ def medmnist_default_root() -> Path:
     return Path(root) if root else Path(os.path.expanduser('~')) / '.medmnist'
 
 # %% ../nbs/00_data.ipynb #66485656
-_DIGESTS: dict = {}   # (resolved path, size, mtime_ns, algorithm) -> hex digest
-
-def file_digest(path, algo='md5', chunk=1 << 22) -> str:
-    "Hex digest of a file, remembered per (path, size, mtime) so repeated loads do not rehash it."
-    path = Path(path); st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, algo)
-    if key not in _DIGESTS:
-        h = hashlib.new(algo)
-        with open(path, 'rb') as f:
-            while block := f.read(chunk): h.update(block)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
 def check_digest(path, expected: str, algo: str, origin: str, fix: str):
     "Raise DatasetError unless the file's digest is `expected`; a mismatching file is never used."
-    actual = file_digest(path, algo)
+    actual = file_digest(path, algo, memo=True)      # a data file is only read: hashed once per process
     if actual != str(expected).lower():
         raise DatasetError(f'{path}: {algo} is {actual}, but {origin} expects {expected}. The file is damaged, '
                            f'incomplete or from another release, and was not used. Fix: {fix}')
@@ -413,33 +401,6 @@ def npz_headers(path) -> dict:
                            f'(np.savez(path, train_images=..., train_labels=..., val_images=..., ...))') from e
     return out
 
-def atomic_write(path, write, mode: str = 'wb') -> Path:
-    """Call `write(fileobj)` on a temporary file in `path`'s folder, then rename it over `path` (atomic on POSIX):
-    a reader sees the old file or the new one, never a torn one. Every file the project writes goes through here."""
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
-    try:
-        with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f: write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-    return path
-
-def save_npz_atomic(path, arrays: dict) -> Path:
-    "Write arrays to an npz (uncompressed) atomically."
-    return atomic_write(path, lambda f: np.savez(f, **arrays))
-
-@contextlib.contextmanager
-def file_lock(path):
-    """Hold an exclusive lock on `path` (created if needed) for the `with` block: two processes that would make
-    the same run or the same experts take turns instead of writing over each other (POSIX `flock`; the lock
-    goes away with the process, so a killed holder never leaves it stuck)."""
-    import fcntl
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'a') as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try: yield path
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/00_data.ipynb #84c5f36d
 def check_npz_layout(path, headers: dict, meta: dict, size=None) -> dict:
@@ -705,14 +666,6 @@ def _listing(sources, extra=()) -> list:
         st = p.stat(); out.append([r, st.st_size, st.st_mtime_ns])
     return out
 
-def _write_json_atomic(path: Path, obj):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f: json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-
 def _warn_skipped(key, record, json_path):
     skipped = record['skipped']
     if skipped['count']:
@@ -749,7 +702,7 @@ def ingest_image_folder(entry: dict, root=None, size=None, cache_dir=None, on_un
     if npz_path.exists() and json_path.exists():
         try: record = json.loads(json_path.read_text(encoding='utf-8'))
         except (OSError, ValueError): record = {}
-        if record.get('cache_sha256') == file_digest(npz_path, 'sha256'):
+        if record.get('cache_sha256') == file_digest(npz_path, memo=True):
             if record['skipped']['count'] and policy == 'error':
                 raise DatasetError(f'{key}: {record["skipped"]["files"][0]["file"]} could not be read '
                                    f'({record["skipped"]["files"][0]["error"]}). Fix: replace or delete the file, or use on_unreadable: skip')
@@ -793,16 +746,16 @@ def ingest_image_folder(entry: dict, root=None, size=None, cache_dir=None, on_un
         which[parts[s]] = s
     for u, s in zip(used, which): u['split'] = s
     cdir.mkdir(parents=True, exist_ok=True)
-    save_npz_atomic(npz_path, arrays)
+    atomic_write(npz_path, lambda f: np.savez(f, **arrays))
     reasons = sorted({'missing file' if 'not found' in s['error'] else 'unreadable' for s in skipped})
     record = {'format': CACHE_FORMAT, 'name': key, 'title': entry.get('title'), 'size': size, 'channels': entry['channels'],
               'fit': entry['fit'], 'source_folder': str(base), 'source_url': entry.get('source_url'),
-              'cache_file': npz_path.name, 'cache_sha256': file_digest(npz_path, 'sha256'), 'split': split,
+              'cache_file': npz_path.name, 'cache_sha256': file_digest(npz_path, memo=True), 'split': split,
               'counts': {**{s: int(len(parts[s])) for s in SPLITS}, 'total': int(len(labels)),
                          'per_class': {n: {s: int((labels[parts[s]] == c).sum()) for s in SPLITS} for c, n in enumerate(names)}},
               'skipped': {'count': len(skipped), 'reasons': reasons, 'files': skipped},
               'listing_key': digest, 'sources': used}
-    _write_json_atomic(json_path, record)
+    write_json_atomic(json_path, record)
     for old in cdir.glob(f'{key}_{size}px_*'):   # a stale cache of the same set and size
         if old.suffix in ('.npz', '.json') and old.stem != npz_path.stem: old.unlink(missing_ok=True)
     expected = (entry.get('counts') or {}).get('per_class')

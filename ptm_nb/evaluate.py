@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
-from .data import atomic_write
+from .io import write_json_atomic
 
 # %% auto #0
 __all__ = ['DEFAULT_LR', 'TENSOR_FILE', 'FIX_KINDS', 'READERS', 'SynsetError', 'LoadedSet', 'synset_kind', 'torch_load',
@@ -289,5 +289,6 @@ def record_path(source) -> Path:
     return Path(f'{source}.eval.json')
 
 def write_record(record: dict, path) -> Path:
-    "Write the record as JSON (as a run's eval.json), atomically."
-    return atomic_write(path, lambda f: json.dump(record, f, indent=1, default=float), 'w')
+    """Write the record as JSON (as a run's eval.json), atomically, its sha256 recorded in the `digests.json`
+    of its folder (`ptm_nb.io`: a reader through `read_json` finds a record changed since it was written)."""
+    return write_json_atomic(path, record, digest=True, default=float)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from .nets import make_net, functional, flat_params
 from .augment import DSAConfig, dsa_draw, dsa_apply
 from .train import TrainConfig, accuracy, fit_stack, predict, pick_engine, prepare_targets
-from .io import atomic_write, file_sha256, read_json, read_tensors, CorruptFile
+from .io import (atomic_write, file_digest, read_json, read_or_quarantine, read_tensors, read_verified,
+                       track_digests, write_json_atomic, CorruptFile)
 
 # %% auto #0
 __all__ = ['ExpertError', 'WarmStart', 'ExpertConfig', 'dataset_identity', 'expert_folder', 'expert_seed', 'expert_generators',
@@ -275,10 +276,6 @@ def train_experts_stacked(ds, cfg: ExpertConfig, indices) -> list:
     return [(trajectories[i].clone(), _expert_meta(ds, cfg, k, test_acc[i], train_loss[i], wall, W.shape[1], f'stacked({engine})'))
             for i, k in enumerate(indices)]
 
-# %% ../nbs/04_experts.ipynb #2e6763ff
-def _write_json(path: Path, obj):
-    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
-
 # %% ../nbs/04_experts.ipynb #686244b3
 def expert_path(folder, index: int) -> Path: return Path(folder) / f'expert_{index:03d}.pt'
 
@@ -362,42 +359,41 @@ class ExpertBuffer:
     def __repr__(self): return f'ExpertBuffer({str(self.folder)!r}, experts={len(self)}, epochs={self.epochs}, P={self.n_params})'
 
 
+def _load_expert(path, k: int, epochs: int = None, n_params: int = None):
+    "Expert k's file memory-mapped as (trajectory, meta); a file that holds anything else is a `CorruptFile`."
+    obj = read_tensors(path, mmap=True)
+    traj, meta = (obj.get('trajectory'), obj.get('meta')) if isinstance(obj, dict) else (None, None)
+    if not torch.is_tensor(traj) or traj.ndim != 2 or not isinstance(meta, dict):
+        raise CorruptFile(path, 'not an expert file (no (epochs + 1, P) trajectory and meta)')
+    want = (epochs + 1 if epochs is not None else traj.shape[0], n_params if n_params is not None else traj.shape[-1])
+    if traj.dtype != torch.float32 or tuple(traj.shape) != want or meta.get('index') != k:
+        raise CorruptFile(path, f'it holds a {traj.dtype} array of shape {tuple(traj.shape)} for expert '
+                                f'{meta.get("index")}, expected float32 {want} for expert {k}')
+    return traj, meta
+
+
 def read_expert(folder, k: int, epochs: int = None, n_params: int = None):
     "Load expert k's file memory-mapped as (trajectory, meta); a file that cannot be read or has the wrong shape raises."
     path = expert_path(folder, k)
-    try:
-        obj = read_tensors(path, mmap=True)
-        traj, meta = obj['trajectory'], obj['meta']
-        if not torch.is_tensor(traj) or not isinstance(meta, dict): raise TypeError('no trajectory and meta')
-    except Exception as e:
+    try: return _load_expert(path, k, epochs, n_params)
+    except (CorruptFile, OSError) as e:
         why = e.why if isinstance(e, CorruptFile) else f'{type(e).__name__}: {e}'
-        raise ExpertError(f'the expert file {path} cannot be read: {why}; run generate_experts '
-                          f'again with the same config: it trains damaged or missing experts again') from e
-    want = (epochs + 1 if epochs is not None else traj.shape[0], n_params if n_params is not None else traj.shape[-1])
-    if traj.dtype != torch.float32 or tuple(traj.shape) != want or meta.get('index') != k:
-        raise ExpertError(f'the expert file {path} holds a {traj.dtype} array of shape {tuple(traj.shape)} for expert '
-                          f'{meta.get("index")}, expected float32 {want} for expert {k}; delete it and run generate_experts again')
-    return traj, meta
+        raise ExpertError(f'the expert file {path} cannot be read: {why}; run generate_experts again with '
+                          f'the same config: it sets damaged files aside and trains them again') from e
 
 # %% ../nbs/04_experts.ipynb #99537ce6
-def _file_stamp(path: Path) -> dict:
-    st = path.stat()
-    return {'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns}
-
-
 def _expert_file_ok(folder: Path, k: int, meta: dict):
-    """The expert's metadata when its file is whole and matches `meta`, else None. A file whose size and mtime are
-    the recorded ones is taken as it is (no re-reading of large buffers at every run); any other is read, checked
-    for shape and compared with the recorded sha256."""
-    path = expert_path(folder, k)
-    if not path.exists(): return None
-    recorded = meta['experts'].get(str(k))
-    if recorded is not None and {f: recorded.get(f) for f in ('bytes', 'mtime_ns')} == _file_stamp(path): return recorded
-    try: m = read_expert(folder, k, meta['epochs'], meta['n_params'])[1]
-    except ExpertError: return None
-    digest = file_sha256(path)
-    if recorded is not None and recorded.get('sha256') != digest: return None
-    return {**(recorded or m), 'sha256': digest, **_file_stamp(path)}
+    """The expert's `meta.json` entry when its file is whole, else None (it is trained again). A file with a
+    recorded sha256 must have exactly that digest, whatever its size and mtime; one that `meta.json` does not
+    list yet must load as expert k's trajectory. A file that fails is set aside (`.corrupt`) and named in a
+    warning."""
+    path, recorded = expert_path(folder, k), meta['experts'].get(str(k)) or {}
+    whole = lambda p: _load_expert(p, k, meta['epochs'], meta['n_params'])[1]
+    m = read_or_quarantine(path, lambda p: read_verified(p, whole, recorded.get('sha256'), 'meta.json'),
+                           f'expert {k} is trained again')
+    if m is None: return None
+    kept = {f: v for f, v in (recorded or m).items() if f not in ('bytes', 'mtime_ns')}   # stamps: unused
+    return {**kept, 'sha256': recorded.get('sha256') or file_digest(path)}
 
 
 def generate_experts(ds, cfg: ExpertConfig, root='outputs/experts', on_expert_done=None, progress: bool = True) -> ExpertBuffer:
@@ -406,12 +402,12 @@ def generate_experts(ds, cfg: ExpertConfig, root='outputs/experts', on_expert_do
     identity = {'config': cfg.identity(), 'dataset': dataset_identity(ds)}
     folder = _folder_for(identity, root)
     meta_path = folder / 'meta.json'
-    if meta_path.exists():
-        meta = read_json(meta_path)
-        if {'config': meta.get('config'), 'dataset': meta.get('dataset')} != identity:
-            raise ExpertError(f'{meta_path} was written for another config or dataset than the one asked for; '
-                              f'move the folder away or pass another root')
-    else:
+    track_digests(folder)          # digests.json holds meta.json's sha256, meta.json the experts'
+    meta = read_or_quarantine(meta_path, read_json, 'the expert files are checked again without it')
+    if meta is not None and {'config': meta.get('config'), 'dataset': meta.get('dataset')} != identity:
+        raise ExpertError(f'{meta_path} was written for another config or dataset than the one asked for; '
+                          f'move the folder away or pass another root')
+    if meta is None:
         meta = {**identity, 'folder': folder.name, 'epochs': cfg.epochs, 'experts': {},
                 'n_params': int(init_flat(ds, cfg, 0)[1].numel())}
     for stale in [*folder.glob('.*.tmp'), *folder.glob('.*.part')]: stale.unlink()   # left by a killed writer
@@ -421,17 +417,17 @@ def generate_experts(ds, cfg: ExpertConfig, root='outputs/experts', on_expert_do
         if found is None:
             meta['experts'].pop(str(k), None); todo.append(k)
         else: meta['experts'][str(k)] = found
-    _write_json(meta_path, meta)
+    write_json_atomic(meta_path, meta, sort_keys=True)
     group = cfg.parallel if cfg.parallel > 1 and todo and stackable_config(ds, cfg) else 1
     bar = tqdm(total=len(todo), desc=f'experts {folder.name}', disable=not progress or not todo)
     for start in range(0, len(todo), group):
         ks = todo[start:start + group]
         done = train_experts_stacked(ds, cfg, ks) if len(ks) > 1 else [train_expert(ds, cfg, ks[0])]
         for k, (traj, m) in zip(ks, done):
-            atomic_write(expert_path(folder, k), lambda fh: torch.save({'trajectory': traj, 'meta': m}, fh))
-            m['sha256'] = file_sha256(expert_path(folder, k))
-            meta['experts'][str(k)] = {**m, **_file_stamp(expert_path(folder, k))}
-            _write_json(meta_path, meta)
+            save = lambda fh: torch.save({'trajectory': traj, 'meta': m}, fh)
+            path = atomic_write(expert_path(folder, k), save, digest=False)    # its sha256 goes to meta.json
+            meta['experts'][str(k)] = {**m, 'sha256': file_digest(path)}
+            write_json_atomic(meta_path, meta, sort_keys=True)
             bar.update(1); bar.set_postfix(test_acc=f"{m['test_acc'][-1]:.3f}", s=f"{m['wall_s']:.1f}")
             if on_expert_done is not None: on_expert_done(k, folder)
     bar.close()

@@ -9,15 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import ptm_nb
-from .data import load_dataset, load_manifest, resolve_name, dataset_meta, dataset_present, atomic_write, limit_train
+from .data import load_dataset, load_manifest, resolve_name, dataset_meta, dataset_present, limit_train
+from .io import atomic_write, file_digest, read_json, read_or_quarantine
 from .distill import RunFolder, SyntheticSet, METHODS
 from .runs import RunSpec, run, load_hparams, resolve_device, RunResult, scale_for
 from .train import evaluate_synset, full_data_baseline, majority_class_accuracy
 
 # %% auto #0
-__all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'METRICS', 'file_sha256', 'outputs_root', 'choose_dataset', 'Choice', 'cell',
-           'wide_table', 'Paper', 'method_title', 'distill_seconds', 'result_row', 'seeds_for', 'results_grid',
-           'over_seeds', 'paired_differences', 'paired_table', 'curve', 'full_data_note', 'write_index', 'write_html',
+__all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'METRICS', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table',
+           'Paper', 'method_title', 'distill_seconds', 'result_row', 'seeds_for', 'results_grid', 'over_seeds',
+           'paired_differences', 'paired_table', 'curve', 'full_data_note', 'write_index', 'write_html',
            'changed_inputs', 'paper_notebook', 'select_notebooks', 'check_methods', 'check_ipcs', 'notebook_params',
            'reproduce']
 
@@ -26,10 +27,6 @@ REPO = Path(ptm_nb.__file__).resolve().parent.parent
 NOTEBOOKS = ('tuning', 'table1_datasets', 'table2_mnist', 'table3_highres', 'table4_cross_arch', 'table5_ipc', 'fig1b_backend',
              'fig3_time_memory', 'fig4_stability', 'fig5_overlap', 'fig6_loss_landscape', 'fig7_tsne',
              'fig_synsets')
-
-def file_sha256(path) -> str:
-    import hashlib
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 def outputs_root(out=None) -> Path:
     "The outputs folder: `out`, else $PTM_OUTPUTS, else `outputs/` of the repository."
@@ -118,7 +115,7 @@ class Paper:
             if not p.exists(): continue
             try: key = p.relative_to(self.root).as_posix()
             except ValueError: key = str(p.resolve())              # outside this scale's folder: kept absolute
-            self.inputs[key] = file_sha256(p)
+            self.inputs[key] = file_digest(p)
 
     def param(self, name: str, value=None, default=None):
         "`value` when given, else this scale's preset for the notebook, else `default`; recorded for the index."
@@ -185,7 +182,8 @@ class Paper:
         """The run's synthetic set evaluated on another architecture `net` (Table 4), with the scale's evaluation
         protocol; cached in the run folder as `eval_<net>.json`."""
         path = result.folder.path / f'eval_{net}.json'
-        if path.exists(): self.used(path); return json.loads(path.read_text())
+        found = read_or_quarantine(path, read_json, f'the set is evaluated on {net} again')   # see ptm_nb.io
+        if found is not None: self.used(path); return found
         cfg, ds = result.folder.config, self._loaded[result.folder.config['dataset']]
         options = cfg['net_options'] if net == cfg['net'] else (self.preset.get('arch_options') or {}).get(net) or {}
         s, ev = result.synset, cfg['eval']
@@ -419,8 +417,8 @@ def curve(paper: Paper, result: RunResult, points: int = 5):
     rows = []
     for it, path in snaps:
         cache = path.with_suffix('.eval.json')
-        if cache.exists(): e = json.loads(cache.read_text())
-        else:
+        e = read_or_quarantine(cache, read_json, 'the snapshot is evaluated again')
+        if e is None:
             s, ev = SyntheticSet.load(path), cfg['eval']
             r = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, net=cfg['net'], net_options=cfg['net_options'],
                                 lr=s.lr if METHODS[cfg['method']].learned_lr else 0.01, epochs=ev['epochs'], K=ev['nets'],
@@ -528,7 +526,7 @@ def write_html(root, force: bool = False) -> list[Path]:
 def changed_inputs(record: dict, root) -> list[str]:
     "The result files a finished notebook read (its record's `inputs`) that are gone or differ from what it read."
     return [p for p, digest in (record.get('inputs') or {}).items()
-            if not (Path(root) / p).exists() or file_sha256(Path(root) / p) != digest]
+            if not (Path(root) / p).exists() or file_digest(Path(root) / p) != digest]
 
 # %% ../nbs/09a_report.ipynb #c4db7b7f
 def paper_notebook(name: str) -> Path: return REPO / 'nbs' / 'paper' / f'{name}.ipynb'
@@ -586,7 +584,7 @@ def reproduce(scale: str = 'smoke', only=None, datasets=None, out=None, data_roo
         if not src.exists(): raise FileNotFoundError(f'{src} is missing: restore nbs/paper/ from the repository')
         params = notebook_params(name, common, methods, ipcs)
         executed, record, stamp_path = nb_dir / f'{name}.ipynb', nb_dir / f'{name}.json', nb_dir / f'{name}.run.json'
-        stamp = {'source_sha256': file_sha256(src), 'parameters': params}
+        stamp = {'source_sha256': file_digest(src), 'parameters': params}
         if (not force and executed.exists() and record.exists() and stamp_path.exists()
                 and json.loads(stamp_path.read_text()) == stamp):
             changed = changed_inputs(json.loads(record.read_text()), root)

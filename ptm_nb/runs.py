@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import yaml
-from .data import load_dataset, file_lock, limit_train
+from .data import load_dataset, limit_train
 from .experts import ExpertConfig, generate_experts, expert_folder
-from .io import CorruptFile
+from .io import CorruptFile, file_lock, track_digests
 from .distill import RunFolder, SyntheticSet, get_method, METHODS
 from .train import evaluate_synset
 import importlib, pkgutil
@@ -165,9 +165,14 @@ def experts_for(ds, cfg: dict, root, device: str, progress: bool = True):
 def run(spec: RunSpec, root='outputs', data_root=None, progress: bool = True, hparams: dict | None = None,
         dataset=None) -> RunResult:
     """Distill and evaluate `spec` in `root/runs/<run id>/`; a finished run is read back, a stopped one resumes.
-    Two processes asking for the same run take turns (a lock on the folder): the second reads the first's result."""
+    Two processes asking for the same run take turns (a lock on the folder): the second reads the first's
+    result. An unfinished run keeps the sha256 of every file it writes from then on
+    (`ptm_nb.io.track_digests`) and its readers check them; a finished record from before digests were kept is
+    read as it is."""
     cfg = spec.resolve(hparams)
-    folder = RunFolder(Path(root) / 'runs' / run_id(cfg), cfg)
+    path = Path(root) / 'runs' / run_id(cfg)
+    if not (path / 'eval.json').exists(): track_digests(path)     # a finished record gets no digests.json
+    folder = RunFolder(path, cfg)
     with file_lock(folder.path / '.lock'):
         done = folder.load_eval()
         if done is not None and folder.load_synset() is not None:

@@ -176,12 +176,14 @@ def test_download_is_verified_and_atomic(need_file, tmp_path, monkeypatch):
 
 
 def test_verified_digest_is_not_recomputed(tmp_path, monkeypatch):
+    import ptm_nb.io as io
     f = tmp_path / 'x.bin'; f.write_bytes(b'0123456789')
-    first = data.file_digest(f, 'md5')
-    monkeypatch.setattr(data.hashlib, 'new', lambda *a: (_ for _ in ()).throw(AssertionError('rehashed')))
-    assert data.file_digest(f, 'md5') == first                     # same path, size, mtime: remembered
+    first = io.file_digest(f, 'md5', memo=True)
+    monkeypatch.setattr(io.hashlib, 'new', lambda *a: (_ for _ in ()).throw(AssertionError('rehashed')))
+    data.check_digest(f, first, 'md5', 'the manifest', 'fix')      # same path, size, mtime: remembered
     f.write_bytes(b'0123456780'); os.utime(f, ns=(10, 10))
-    with pytest.raises(AssertionError, match='rehashed'): data.file_digest(f, 'md5')   # changed file: hashed again
+    with pytest.raises(AssertionError, match='rehashed'):           # changed file: hashed again
+        data.check_digest(f, first, 'md5', 'the manifest', 'fix')
 
 
 def test_import_is_light():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ptm_nb.data import MedDataset
+from ptm_nb.io import CorruptFileWarning
 from ptm_nb.nets import make_net, functional, flat_params
 from ptm_nb.train import auc_ovr
 from ptm_nb.experts import (ExpertConfig, ExpertError, ExpertBuffer, train_expert, train_experts_stacked,
@@ -132,7 +133,9 @@ def test_generate_kill_and_resume(tmp_path):
     expert_path(folder, 2).write_bytes(expert_path(folder, 0).read_bytes()[:1000])
 
     done = []
-    buf = generate_experts(ds, cfg, tmp_path / 'run', on_expert_done=lambda k, f: done.append(k), progress=False)
+    with pytest.warns(CorruptFileWarning, match=r'expert_002\.pt: .*moved aside to expert_002\.pt\.corrupt'):
+        buf = generate_experts(ds, cfg, tmp_path / 'run', on_expert_done=lambda k, f: done.append(k),
+                               progress=False)
     assert done == [2]                                              # only the unfinished expert was trained
     after = _files(folder)
     assert {k: after[k] for k in before} == before                  # experts 0 and 1 were not rewritten
@@ -158,7 +161,9 @@ def test_damaged_file_is_detected_and_redone(tmp_path):
     path = expert_path(buf.folder, 1)
     raw = bytearray(path.read_bytes()); raw[-200] ^= 0xFF; path.write_bytes(bytes(raw))   # same size, one bit flipped
     done = []
-    buf = generate_experts(ds, cfg, tmp_path, on_expert_done=lambda k, f: done.append(k), progress=False)
+    with pytest.warns(CorruptFileWarning, match=r'expert_001\.pt: its sha256 is .* recorded in meta\.json'):
+        buf = generate_experts(ds, cfg, tmp_path, on_expert_done=lambda k, f: done.append(k),
+                               progress=False)
     assert done == [1] and torch.equal(buf.trajectory(1), good)
     path.write_bytes(b'not a torch file')                            # unreadable: a clear error when read
     with pytest.raises(ExpertError, match='expert_001.pt cannot be read'):

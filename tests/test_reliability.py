@@ -4,9 +4,11 @@ Safe: every `torch.load` of the package uses `weights_only=True`, so a file plan
 (a pickle that would run code when loaded) is refused; its code never runs, and the message names the file.
 Self-healing: a damaged `synset.pt`, `checkpoint.pt`, `eval_checkpoint.pt` or `eval.json` is named in a
 one-line warning, moved aside to `<name>.corrupt`, and its work is done again from the last good state, to the
-numbers an undamaged run gives. Each case starts from a copy of one finished smoke run (PTM on BreastMNIST,
-ipc 2)."""
-import io as stdio, re, shutil, warnings
+numbers an undamaged run gives. Checked: a run and its experts record the sha256 of every file they write
+(`digests.json`, the experts' `meta.json`), so a byte changed under the same size and mtime, which still
+parses, is found, named and redone the same way; a run without digests (an older record) is read as it is.
+Each case starts from a copy of one finished smoke run (PTM on BreastMNIST, ipc 2)."""
+import io as stdio, json, os, re, shutil, warnings
 from pathlib import Path
 import pytest
 import torch
@@ -14,7 +16,7 @@ import ptm_nb.train as train
 from ptm_nb.data import load_dataset
 from ptm_nb.distill import RunFolder
 from ptm_nb.experts import ExpertBuffer, ExpertError, expert_path
-from ptm_nb.io import CorruptFile, CorruptFileWarning, read_tensors
+from ptm_nb.io import DIGESTS, CorruptFile, CorruptFileWarning, read_tensors
 from ptm_nb.runs import RunSpec, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,13 +114,15 @@ def test_a_damaged_synset_is_made_again(whole, tmp_path, how):
 
 
 @pytest.mark.parametrize('how', ['truncate', 'garble'])
-def test_a_damaged_evaluation_is_made_again(whole, tmp_path, how):
+@pytest.mark.parametrize('digests', ['kept', 'absent'])
+def test_a_damaged_evaluation_is_made_again(whole, tmp_path, how, digests):
     root, folder = copy_of(whole, tmp_path)
+    if digests == 'absent': (folder / DIGESTS).unlink()          # an older record: the parser tells
     path = folder / 'eval.json'
     DAMAGE[how](path)
     damaged = path.read_bytes()
     result, said = run_again(root, whole[2], path)
-    assert 'not valid JSON' in said
+    assert ('its sha256 is ' if digests == 'kept' else 'not valid JSON') in said
     assert said.endswith('moved aside to eval.json.corrupt: the set is evaluated again')
     assert_set_aside(path, damaged)
     assert_same_result(result, whole[1])                 # the same seed: the same numbers
@@ -196,7 +200,8 @@ def test_a_planted_expert_file_is_refused_and_trained_again(whole, tmp_path):
         ExpertBuffer(experts).trajectory(0)
     assert 'code, not data' in str(e.value) and not marker.exists()
     shutil.rmtree(folder)                                 # a new run reads the buffer: expert 0 trained again
-    result = run(SPEC, root=root, dataset=whole[2], progress=False)
+    with pytest.warns(CorruptFileWarning, match=re.escape(f'{path}: its sha256 is ')):
+        result = run(SPEC, root=root, dataset=whole[2], progress=False)
     assert torch.equal(ExpertBuffer(experts).trajectory(0), good) and not marker.exists()
     assert_same_result(result, whole[1])
 
@@ -210,3 +215,86 @@ def test_metrics_skip_torn_and_non_utf8_lines(whole, tmp_path):
     assert RunFolder(folder).metrics() == records
     assert RunFolder(folder).load_checkpoint()['state']['iteration'] == records[-1]['iteration']
     assert (folder / 'metrics.jsonl').read_bytes() == b''.join(lines)          # rewritten without the garbage
+
+
+
+def flip_keeping_stamp(path: Path, at: int) -> bytes:
+    """Flip the low bit of byte `at` of the file, then give the file back its mtime (the size is unchanged):
+    what a bit rot does, and what a (size, mtime) stamp cannot see. Returns the damaged bytes."""
+    st, raw = path.stat(), bytearray(path.read_bytes())
+    raw[at] ^= 1
+    path.write_bytes(bytes(raw)); os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    return bytes(raw)
+
+
+def offset_of(path: Path, t: torch.Tensor) -> int:
+    "Where the bytes of tensor `t` start in the file (torch.save stores them as they are)."
+    at = path.read_bytes().find(t.contiguous().numpy().tobytes()[:64])
+    assert at > 0, f'{path}: tensor bytes not found'
+    return at
+
+
+def still_parses(path: Path, read):
+    "What `read` makes of the damaged file with no digest to check: a copy in a folder without digests.json."
+    bare = path.parent.parent / 'bare' / path.name
+    bare.parent.mkdir(exist_ok=True); shutil.copy(path, bare)
+    return read(bare)
+
+
+def test_a_changed_byte_in_a_synset_is_found_and_the_set_made_again(whole, tmp_path):
+    root, folder = copy_of(whole, tmp_path)
+    path, images = folder / 'synset.pt', whole[1].synset.images
+    damaged = flip_keeping_stamp(path, offset_of(path, images))
+    loaded = still_parses(path, read_tensors)['images']               # torch.load takes it: one pixel off
+    assert loaded.shape == images.shape and (loaded != images).sum() == 1
+    result, said = run_again(root, whole[2], path)
+    assert 'its sha256 is ' in said and 'recorded in digests.json' in said
+    assert said.endswith('moved aside to synset.pt.corrupt: the set is made again '
+                         '(from checkpoint.pt where there is one)')
+    assert_set_aside(path, damaged)
+    assert_same_result(result, whole[1])
+
+
+def test_a_changed_byte_in_an_evaluation_is_found_and_the_set_evaluated_again(whole, tmp_path):
+    root, folder = copy_of(whole, tmp_path)
+    path = folder / 'eval.json'
+    digit = re.search(rb'"acc_mean": (\d)', path.read_bytes()).start(1)   # a digit stays a digit: still JSON
+    damaged = flip_keeping_stamp(path, digit)
+    assert still_parses(path, lambda p: json.loads(p.read_text()))['acc_mean'] != whole[1].eval['acc_mean']
+    result, said = run_again(root, whole[2], path)
+    assert 'its sha256 is ' in said
+    assert said.endswith('moved aside to eval.json.corrupt: the set is evaluated again')
+    assert_set_aside(path, damaged)
+    assert_same_result(result, whole[1])                 # evaluated again, from the same seed
+
+
+def test_a_changed_byte_in_an_expert_is_found_and_the_expert_trained_again(whole, tmp_path):
+    root, folder = copy_of(whole, tmp_path)
+    [experts] = [p.parent for p in (root / 'experts').glob('*/meta.json')]
+    path = expert_path(experts, 1)
+    good = ExpertBuffer(experts).trajectory(1).clone()
+    damaged = flip_keeping_stamp(path, offset_of(path, good[-1]))
+    assert (still_parses(path, lambda p: read_tensors(p)['trajectory']) != good).sum() == 1   # one weight off
+    shutil.rmtree(folder)                                 # a new run reads the buffer
+    result, said = run_again(root, whole[2], path)
+    assert 'its sha256 is ' in said and 'recorded in meta.json' in said
+    assert said.endswith('moved aside to expert_001.pt.corrupt: expert 1 is trained again')
+    assert_set_aside(path, damaged)
+    assert torch.equal(ExpertBuffer(experts).trajectory(1), good)      # trained again: the same expert
+    assert_same_result(result, whole[1])
+
+
+def test_a_run_without_digests_is_read_as_it_is(whole, tmp_path, monkeypatch):
+    "An older record (no digests.json, new mtimes as in a clone) is read back: not recomputed, not written."
+    root, folder = copy_of(whole, tmp_path)
+    (folder / DIGESTS).unlink()
+    for p in folder.iterdir(): os.utime(p)                # new mtimes
+    import ptm_nb.runs
+    def no_work(*a, **k): raise AssertionError('the finished run was evaluated again')
+    monkeypatch.setattr(ptm_nb.runs, 'evaluate_synset', no_work)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', CorruptFileWarning)
+        result = run(SPEC, root=root, dataset=whole[2], progress=False)
+    assert result.eval == whole[1].eval and torch.equal(result.synset.images, whole[1].synset.images)
+    assert not (folder / DIGESTS).exists()

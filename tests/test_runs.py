@@ -1,7 +1,8 @@
 """Runs share expert buffers through one lock per buffer: runs that need the same experts take turns, runs on
 different buffers do not wait for each other. A run killed while it evaluates resumes its evaluation."""
 import threading, time
-from ptm_nb.data import load_dataset, limit_train, file_lock
+from ptm_nb.data import load_dataset, limit_train
+from ptm_nb.io import file_lock
 from ptm_nb.experts import expert_folder
 from ptm_nb.runs import RunSpec, experts_for, expert_config
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses, hashlib, time
 from pathlib import Path
 import torch
-from ..data import file_lock
+from ..io import file_lock
 from ..experts import WarmStart, generate_experts
 from ..distill import TMConfig, TMHooks, SyntheticSet, RunFolder, distill_tm, register_method
 
