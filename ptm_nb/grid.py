@@ -116,9 +116,13 @@ def run_grid(tasks: dict[str, Task], root, scheduler: str | None = None, workers
     from dask.distributed import Client, LocalCluster, as_completed
     # saturation 1.0: a worker holds no more tasks than it has threads, so a task that becomes ready later (a run
     # whose buffer just finished) is not queued behind ready ones of lower priority already handed out
+    # a task on a CUDA device asks for the resource GPU=1: the embedded cluster then has one worker that holds it
+    # (one GPU); more GPUs: one `dask worker --resources GPU=1` per GPU, given with `scheduler` (README)
+    gpu = any(t.device.startswith('cuda') for t in tasks.values())
     with dask.config.set({'distributed.scheduler.worker-saturation': 1.0}):
-        cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                      dashboard_address=':0')
+        cluster = None if scheduler else LocalCluster(n_workers=1 if gpu else workers, threads_per_worker=1,
+                                                      processes=True, dashboard_address=':0',
+                                                      resources={'GPU': 1} if gpu else None)
     client = Client(scheduler or cluster)
     if scheduler and progress: print(f'grid: {len(tasks)} tasks on {scheduler} (dashboard: {client.dashboard_link})')
     try:

@@ -86,3 +86,39 @@ def test_a_killed_worker_changes_nothing(tmp_path, data_dir):
     a = SyntheticSet.load(tmp_path / 'calm' / 'runs' / rid / 'synset.pt')
     b = SyntheticSet.load(folder / 'synset.pt')
     assert torch.equal(a.images, b.images) and a.lr == b.lr
+
+
+_TWICE = '''
+import sys
+import ptm_nb.experts as E
+from ptm_nb.runs import RunSpec
+from ptm_nb.grid import plan, run_grid
+root, counter = sys.argv[1], sys.argv[2]
+def counted(name):
+    inner = getattr(E, name)
+    def train(ds, cfg, which):
+        n = len(which) if isinstance(which, (list, tuple, range)) else 1
+        with open(counter, 'a') as f: f.write('x' * n)                       # one mark per expert trained
+        return inner(ds, cfg, which)
+    return train
+E.train_expert, E.train_experts_stacked = counted('train_expert'), counted('train_experts_stacked')
+specs = [RunSpec(m, 'breastmnist', 1, 'smoke', seed=s, device='cpu') for m in ('mtt', 'ptm') for s in (0, 1)]
+out = run_grid(plan(specs, root), root, workers=0, progress=False)
+out.raise_failures()
+'''
+
+
+def test_two_graphs_at_once_train_each_buffer_once(tmp_path, data_dir):
+    "Two processes run the same grid on one outputs folder at the same time: each expert is trained once."
+    import os, subprocess, sys
+    from ptm_nb.experts import ExpertBuffer
+    script, counter = tmp_path / 'twice.py', tmp_path / 'trained.txt'
+    script.write_text(_TWICE)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / 'out'), str(counter)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    (folder,) = [p for p in (tmp_path / 'out' / 'experts').iterdir() if p.is_dir()]
+    assert counter.read_text() == 'x' * len(ExpertBuffer(folder))                # each expert once, not twice
+    assert len(list((tmp_path / 'out' / 'runs').iterdir())) == 4
