@@ -38,7 +38,8 @@ def filter_normalise(direction: list, params: list, one_d: str = 'copy') -> list
     out = []
     for d, p in zip(direction, params):
         p = p.detach()
-        if d.shape != p.shape: raise ValueError(f"filter_normalise: direction {tuple(d.shape)} vs parameter {tuple(p.shape)}")
+        if d.shape != p.shape:
+            raise ValueError(f"filter_normalise: direction {tuple(d.shape)} vs parameter {tuple(p.shape)}")
         if p.dim() > 1: out.append(_rescaled(d, p))
         elif one_d == 'copy': out.append(p.clone())
         elif one_d == 'zero': out.append(torch.zeros_like(p))
@@ -46,7 +47,8 @@ def filter_normalise(direction: list, params: list, one_d: str = 'copy') -> list
     return out
 
 def random_direction(net: nn.Module, generator: torch.Generator, one_d: str = 'copy') -> torch.Tensor:
-    "A filter-normalised Gaussian direction for `net`, drawn from `generator`, as one flat vector on its device."
+    """A filter-normalised Gaussian direction for `net`, drawn from `generator`, as one flat vector on its
+    device."""
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"random_direction needs a torch.Generator, got {type(generator).__name__}")
     params = list(net.parameters())
@@ -59,7 +61,8 @@ class MeanLoss(Metric):
     def __init__(self, loss_fn, inputs: torch.Tensor, target: torch.Tensor, batch: int = 1024):
         super().__init__()
         if len(inputs) != len(target) or len(inputs) == 0:
-            raise ValueError(f"MeanLoss: {len(inputs)} inputs and {len(target)} targets (need the same, non-zero number)")
+            raise ValueError(f"MeanLoss: {len(inputs)} inputs and {len(target)} targets (need the same, "
+                             "non-zero number)")
         if batch < 1: raise ValueError(f"MeanLoss: batch must be >= 1, got {batch}")
         self.loss_fn, self.inputs, self.target, self.batch = loss_fn, inputs, target, int(batch)
 
@@ -87,16 +90,20 @@ class Landscape(NamedTuple):
 def grid_axis(distance: float, steps: int) -> np.ndarray:
     "`steps` (odd, >= 3) values from -`distance` to `distance` with an exact 0 in the middle."
     if isinstance(steps, bool) or int(steps) != steps or steps < 3 or steps % 2 == 0:
-        raise ValueError(f"steps must be an odd int >= 3 (so that the network itself is the centre of the grid), got {steps!r}")
-    if not (math.isfinite(distance) and distance > 0): raise ValueError(f"distance must be a positive number, got {distance!r}")
+        raise ValueError(f"steps must be an odd int >= 3 (so that the network itself is the centre of the "
+                         f"grid), got {steps!r}")
+    if not (math.isfinite(distance) and distance > 0):
+        raise ValueError(f"distance must be a positive number, got {distance!r}")
     half = int(steps) // 2
     return distance * np.arange(-half, half + 1, dtype=np.float64) / half
 
-def loss_landscape_2d(net: nn.Module, x: torch.Tensor, y: torch.Tensor, distance: float = 1.0, steps: int = 21,
-                      generator: torch.Generator | None = None, *, one_d: str = 'copy', batch: int = 1024,
+def loss_landscape_2d(net: nn.Module, x: torch.Tensor, y: torch.Tensor, distance: float = 1.0,
+                      steps: int = 21, generator: torch.Generator | None = None, *, one_d: str = 'copy',
+                      batch: int = 1024,
                       loss_fn=F.cross_entropy, directions: tuple | None = None) -> Landscape:
-    """Loss of `net` on (`x`, `y`) over the plane θ* + αδ + βη, α, β in [-`distance`, `distance`] (`steps` each),
-    δ and η filter-normalised Gaussian directions drawn from `generator` (None: a generator seeded 0)."""
+    """Loss of `net` on (`x`, `y`) over the plane θ* + αδ + βη, α, β in [-`distance`, `distance`] (`steps`
+    each), δ and η filter-normalised Gaussian directions drawn from `generator` (None: a generator seeded
+    0)."""
     alphas = grid_axis(distance, steps)
     model = copy.deepcopy(net).eval()
     theta = flat_params(model)
@@ -121,12 +128,14 @@ def landscape_summary(ls: Landscape) -> dict:
     radius, d = np.hypot(A, B), float(np.max(np.abs(ls.alphas)))
     rise = ls.losses - ls.centre
     return {'centre_loss': ls.centre, 'min_loss': float(ls.losses.min()), 'max_loss': float(ls.losses.max()),
-            'mean_rise_half': float(rise[radius <= d / 2 + 1e-12].mean()), 'mean_rise_full': float(rise[radius <= d + 1e-12].mean())}
+            'mean_rise_half': float(rise[radius <= d / 2 + 1e-12].mean()),
+            'mean_rise_full': float(rise[radius <= d + 1e-12].mean())}
 
 # %% ../nbs/09_analysis.ipynb #b2b9df38
 def _landscape_dict(landscapes) -> dict:
     if isinstance(landscapes, Landscape): return {'': landscapes}
-    if not isinstance(landscapes, dict) or not landscapes or not all(isinstance(v, Landscape) for v in landscapes.values()):
+    if (not isinstance(landscapes, dict) or not landscapes
+            or not all(isinstance(v, Landscape) for v in landscapes.values())):
         raise TypeError('expected a Landscape or a non-empty dict {name: Landscape}')
     return landscapes
 
@@ -139,8 +148,9 @@ def _levels(landscapes: dict, vmax, n_levels: int, cap_factor: float):
     if not hi > lo: hi = lo + 1e-6
     return np.linspace(lo, hi, n_levels), lo, hi
 
-def plot_landscape_contours(landscapes, n_levels: int = 20, vmax: float | None = None, cap_factor: float = 4.0,
-                            title: str | None = None, panel_size: float = 3.6, cmap: str = 'viridis'):
+def plot_landscape_contours(landscapes, n_levels: int = 20, vmax: float | None = None,
+                            cap_factor: float = 4.0, title: str | None = None, panel_size: float = 3.6,
+                            cmap: str = 'viridis'):
     "Filled contours of one or more landscapes side by side, one colour scale, θ* marked; returns the Figure."
     from matplotlib.figure import Figure
     landscapes = _landscape_dict(landscapes)
@@ -158,8 +168,9 @@ def plot_landscape_contours(landscapes, n_levels: int = 20, vmax: float | None =
     if title: fig.suptitle(title)
     return fig
 
-def plot_landscape_surface(landscapes, vmax: float | None = None, cap_factor: float = 4.0, title: str | None = None,
-                           panel_size: float = 4.0, cmap: str = 'viridis', elev: float = 30, azim: float = -60):
+def plot_landscape_surface(landscapes, vmax: float | None = None, cap_factor: float = 4.0,
+                           title: str | None = None, panel_size: float = 4.0, cmap: str = 'viridis',
+                           elev: float = 30, azim: float = -60):
     "The same landscapes as 3D surfaces (one panel each, shared z range); returns the Figure."
     from matplotlib.figure import Figure
     landscapes = _landscape_dict(landscapes)
@@ -168,7 +179,8 @@ def plot_landscape_surface(landscapes, vmax: float | None = None, cap_factor: fl
     for k, (name, ls) in enumerate(landscapes.items()):
         ax = fig.add_subplot(1, len(landscapes), k + 1, projection='3d')
         A, B = np.meshgrid(ls.alphas, ls.betas, indexing='ij')
-        ax.plot_surface(A, B, np.clip(ls.losses, lo, hi), cmap=cmap, vmin=lo, vmax=hi, linewidth=0, antialiased=True)
+        ax.plot_surface(A, B, np.clip(ls.losses, lo, hi), cmap=cmap, vmin=lo, vmax=hi, linewidth=0,
+                        antialiased=True)
         ax.set(title=name, xlabel='α', ylabel='β', zlabel='test loss', zlim=(lo, hi))
         ax.view_init(elev=elev, azim=azim)
         ax.set_box_aspect(None, zoom=0.85)                                   # room for the z label
@@ -185,7 +197,8 @@ def net_features(net: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Ten
     if batch < 1: raise ValueError(f"batch must be >= 1, got {batch}")
     device, was_training = next(net.parameters()).device, net.training
     net.eval()
-    try: out = [net.features(x[i:i + batch].to(device)).flatten(1).float().cpu() for i in range(0, len(x), batch)]
+    try: out = [net.features(x[i:i + batch].to(device)).flatten(1).float().cpu()
+                for i in range(0, len(x), batch)]
     finally: net.train(was_training)
     return torch.cat(out)
 
@@ -194,7 +207,8 @@ def tsne_2d(features, seed: int, perplexity: float = 30.0, max_iter: int = 1000,
             init: str = 'pca') -> np.ndarray:
     "A 2D t-SNE embedding (N, 2) of `features` (N, F), reproducible from `seed`."
     from sklearn.manifold import TSNE
-    X = (features.detach().cpu().double().numpy() if torch.is_tensor(features) else np.asarray(features, dtype=np.float64))
+    X = (features.detach().cpu().double().numpy() if torch.is_tensor(features)
+         else np.asarray(features, dtype=np.float64))
     if X.ndim != 2 or len(X) < 3:
         raise ValueError(f"tsne_2d needs features of shape (N, F) with N >= 3, got {X.shape}")
     if not np.isfinite(X).all(): raise ValueError('tsne_2d: the features hold NaN or inf')
@@ -208,7 +222,8 @@ def tsne_2d(features, seed: int, perplexity: float = 30.0, max_iter: int = 1000,
 def class_separation(features, labels) -> float:
     "Silhouette score of `labels` in the standardised feature space; NaN when it is undefined (one class)."
     from sklearn.metrics import silhouette_score
-    X = features.detach().cpu().double().numpy() if torch.is_tensor(features) else np.asarray(features, dtype=np.float64)
+    X = (features.detach().cpu().double().numpy() if torch.is_tensor(features)
+         else np.asarray(features, dtype=np.float64))
     y = labels.cpu().numpy() if torch.is_tensor(labels) else np.asarray(labels)
     if not 2 <= len(np.unique(y)) <= len(y) - 1: return float('nan')
     X = (X - X.mean(0)) / np.where(X.std(0) > 0, X.std(0), 1.0)
@@ -222,28 +237,35 @@ def embedding_frame(embedding, labels, source: str, panel: str = '', class_names
     if len(embedding) != len(labels): raise ValueError(f"{len(embedding)} points but {len(labels)} labels")
     if class_names is None: class_names = [str(c) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
     categories = [str(c) for c in class_names]
-    names = pd.Categorical([categories[int(c)] for c in labels], categories=categories)   # legend in class order
-    return pd.DataFrame({'x': embedding[:, 0], 'y': embedding[:, 1], 'class': names, 'source': source, 'panel': panel})
+    # legend in class order
+    names = pd.Categorical([categories[int(c)] for c in labels], categories=categories)
+    return pd.DataFrame({'x': embedding[:, 0], 'y': embedding[:, 1], 'class': names, 'source': source,
+                         'panel': panel})
 
-def plot_tsne(frame, title: str | None = None, panel_size: float = 4.0, point_size: float = 18, palette: str = 'tab10'):
+def plot_tsne(frame, title: str | None = None, panel_size: float = 4.0, point_size: float = 18,
+              palette: str = 'tab10'):
     "One scatter panel per `frame.panel` value: hue = class, marker = source; returns the Figure."
     import pandas as pd, seaborn as sns
     from matplotlib.figure import Figure
     panels = list(dict.fromkeys(frame['panel']))
     present = set(frame['class'])
-    classes = ([c for c in frame['class'].cat.categories if c in present] if isinstance(frame['class'].dtype, pd.CategoricalDtype)
+    classes = ([c for c in frame['class'].cat.categories if c in present]
+               if isinstance(frame['class'].dtype, pd.CategoricalDtype)
                else sorted(present, key=lambda c: (len(c), c)))
     sources = list(dict.fromkeys(frame['source']))
     colours = dict(zip(classes, sns.color_palette(palette, len(classes))))
-    markers = dict(zip(sources, ['o', 'X', 'P', 's', '^', 'D'][:len(sources)] if len(sources) <= 6 else [True] * len(sources)))
+    markers = dict(zip(sources, ['o', 'X', 'P', 's', '^', 'D'][:len(sources)] if len(sources) <= 6
+                       else [True] * len(sources)))
     fig = Figure(figsize=(panel_size * len(panels) + 2.0, panel_size), layout='constrained')
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for k, (ax, name) in enumerate(zip(axes, panels)):
         part = frame[frame['panel'] == name]
-        sizes = {s: point_size * (1 if i == 0 else 5) for i, s in enumerate(sources)}   # later sources: few, large
+        # later sources: few, large
+        sizes = {s: point_size * (1 if i == 0 else 5) for i, s in enumerate(sources)}
         sns.scatterplot(data=part, x='x', y='y', hue='class', style='source', size='source', sizes=sizes,
-                        hue_order=classes, style_order=sources, size_order=sources, palette=colours, markers=markers,
-                        edgecolor='k', linewidth=0.2, alpha=0.85, ax=ax, legend=k == len(panels) - 1)
+                        hue_order=classes, style_order=sources, size_order=sources, palette=colours,
+                        markers=markers, edgecolor='k', linewidth=0.2, alpha=0.85, ax=ax,
+                        legend=k == len(panels) - 1)
         ax.set(title=name, xlabel='t-SNE 1', ylabel='t-SNE 2', xticks=[], yticks=[])
     leg = axes[-1].get_legend()
     if leg is not None: leg.set_bbox_to_anchor((1.02, 1)); leg._loc = 2
@@ -253,17 +275,20 @@ def plot_tsne(frame, title: str | None = None, panel_size: float = 4.0, point_si
 # %% ../nbs/09_analysis.ipynb #58c95efe
 def _run_config(result) -> dict:
     cfg = getattr(getattr(result, 'folder', None), 'config', None)
-    if not isinstance(cfg, dict): raise ValueError('expected a ptm_nb.runs.RunResult whose folder holds config.json')
+    if not isinstance(cfg, dict):
+        raise ValueError('expected a ptm_nb.runs.RunResult whose folder holds config.json')
     return cfg
 
 def evaluation_net(result, ds, device='cpu', epochs: int | None = None):
-    "Evaluation net 0 of run `result` on dataset `ds`, trained under the run's protocol: (module in eval mode, EvalResult)."
+    """Evaluation net 0 of run `result` on dataset `ds`, trained under the run's protocol: (module in eval
+    mode, EvalResult)."""
     from ptm_nb.distill import get_method
     cfg, synset = _run_config(result), result.synset
     lr = synset.lr if get_method(cfg['method']).learned_lr else 0.01
-    ev = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, net=cfg['net'], net_options=cfg['net_options'],
-                         lr=lr, epochs=int(epochs or cfg['eval']['epochs']), K=1, seed=cfg['seed'], device=device,
-                         n_classes=ds.n_classes, keep_params=True, label=f"{cfg['method']} evaluation net 0")
+    ev = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, net=cfg['net'],
+                         net_options=cfg['net_options'], lr=lr, epochs=int(epochs or cfg['eval']['epochs']),
+                         K=1, seed=cfg['seed'], device=device, n_classes=ds.n_classes, keep_params=True,
+                         label=f"{cfg['method']} evaluation net 0")
     net = make_net(cfg['net'], tuple(ds.image_shape), ds.n_classes, device=device, **cfg['net_options'])
     return load_flat(net, ev.params[0].to(device)).eval(), ev
 
@@ -272,7 +297,8 @@ def expert_net(result, ds, device='cpu', index: int = 0, epoch: int | None = Non
     from pathlib import Path
     from ptm_nb.runs import experts_for
     cfg = _run_config(result)
-    if not cfg.get('experts'): raise ValueError(f"run {result.folder.path.name}: method {cfg['method']!r} uses no experts")
+    if not cfg.get('experts'):
+        raise ValueError(f"run {result.folder.path.name}: method {cfg['method']!r} uses no experts")
     buffer = experts_for(ds, cfg, Path(result.folder.path).parent.parent, device, progress=False)
     net = make_net(cfg['net'], tuple(ds.image_shape), ds.n_classes, device=device, **cfg['net_options'])
     return load_flat(net, buffer.snapshot(index, buffer.epochs if epoch is None else epoch, device)).eval()

@@ -33,10 +33,13 @@ class DSAConfig:
         if bad: raise ValueError(f"DSAConfig.strategy {self.strategy!r}: unknown operations {bad}; "
                                  f"use '_'-joined names from {list(OPS)}, or 'none'")
         for name in ('brightness', 'saturation', 'contrast', 'crop', 'cutout', 'rotate'):
-            if not getattr(self, name) >= 0: raise ValueError(f"DSAConfig.{name} must be >= 0, got {getattr(self, name)}")
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"DSAConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.flip <= 1: raise ValueError(f"DSAConfig.flip is a probability, got {self.flip}")
-        if not self.scale >= 1: raise ValueError(f"DSAConfig.scale must be >= 1 (range [1/scale, scale]), got {self.scale}")
-        if not (self.crop < 1 and self.cutout <= 1): raise ValueError("DSAConfig.crop must be < 1 and cutout <= 1")
+        if not self.scale >= 1:
+            raise ValueError(f"DSAConfig.scale must be >= 1 (range [1/scale, scale]), got {self.scale}")
+        if not (self.crop < 1 and self.cutout <= 1):
+            raise ValueError("DSAConfig.crop must be < 1 and cutout <= 1")
 
     @property
     def ops(self) -> tuple[str, ...]:
@@ -62,7 +65,8 @@ def _check_generator(generator):
         raise TypeError(f"DSA needs an explicit torch.Generator, got {type(generator).__name__}")
 
 def rotation_matrices(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    "(n, 3, 3) rotations by `angle` (radians, (n,)) about unit vectors `axis` ((n, 3)), by Rodrigues' formula."
+    """(n, 3, 3) rotations by `angle` (radians, (n,)) about unit vectors `axis` ((n, 3)), by Rodrigues'
+    formula."""
     k = axis / axis.norm(dim=1, keepdim=True)
     zero = torch.zeros_like(k[:, 0])
     K = torch.stack([torch.stack([zero, -k[:, 2], k[:, 1]], 1), torch.stack([k[:, 2], zero, -k[:, 0]], 1),
@@ -74,7 +78,8 @@ def dsa_draw(cfg: DSAConfig, n: int, spatial_dims, generator: torch.Generator, d
     "Draw one DSA operation group and its parameters for `n` samples of a 2D or 3D batch."
     _check_generator(generator)
     nd = spatial_dims if isinstance(spatial_dims, int) else len(spatial_dims)
-    if nd not in (2, 3): raise ValueError(f"spatial_dims must be 2 or 3 (or a spatial shape), got {spatial_dims!r}")
+    if nd not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3 (or a spatial shape), got {spatial_dims!r}")
     if n < 1: raise ValueError(f"dsa_draw needs n >= 1 samples, got {n}")
     gdev = generator.device
     rand = lambda *shape: torch.rand(shape, generator=generator, device=gdev)
@@ -90,7 +95,8 @@ def dsa_draw(cfg: DSAConfig, n: int, spatial_dims, generator: torch.Generator, d
         do = rand(n) < cfg.flip
         if nd == 2: axis = torch.full((n,), 1, device=gdev)                       # horizontal: the W axis
         else: axis = torch.randint(3, (n,), generator=generator, device=gdev)
-        p['flags'] = F.one_hot(axis, nd).bool() & do[:, None]                      # (n, nd): flip along axis d
+        # (n, nd): flip along axis d
+        p['flags'] = F.one_hot(axis, nd).bool() & do[:, None]
     elif op == 'scale':
         s = rand(n, nd) * (cfg.scale - 1 / cfg.scale) + 1 / cfg.scale
         p['theta'] = torch.cat([torch.diag_embed(s), torch.zeros(n, nd, 1, device=gdev)], 2)
@@ -181,5 +187,6 @@ def dsa_apply(x: torch.Tensor, draw: DSADraw) -> torch.Tensor:
 
 def dsa(x: torch.Tensor, cfg: DSAConfig, generator: torch.Generator) -> torch.Tensor:
     "Draw and apply in one go, for a batch (N, C, H, W) or (N, C, D, H, W)."
-    if x.dim() not in (4, 5): raise ValueError(f"dsa: x must be (N, C, H, W) or (N, C, D, H, W), got {tuple(x.shape)}")
+    if x.dim() not in (4, 5):
+        raise ValueError(f"dsa: x must be (N, C, H, W) or (N, C, D, H, W), got {tuple(x.shape)}")
     return dsa_apply(x, dsa_draw(cfg, x.shape[0], x.dim() - 2, generator, x.device))

@@ -28,22 +28,27 @@ def atomic_torch_save(obj, path):
 
 @dataclass
 class SyntheticSet:
-    "A distilled set: class-major images, hard or soft labels, the lr to train on it with, and its provenance."
+    """A distilled set: class-major images, hard or soft labels, the lr to train on it with, and its
+    provenance."""
     images: torch.Tensor
     labels: torch.Tensor
     lr: float
     n_classes: int
     ipc: int
     provenance: dict = field(default_factory=dict)
-    factors: dict | None = None      # factorised methods: what is stored (and counted), `images` are decoded from it
+    # factorised methods: what is stored (and counted), `images` are decoded from it
+    factors: dict | None = None
 
     def __post_init__(self):
         n = self.n_classes * self.ipc
-        if self.labels.shape[0] != self.images.shape[0] or (self.factors is None and self.images.shape[0] != n):
-            raise ValueError(f'SyntheticSet: {self.n_classes} classes × ipc {self.ipc} = {n} images expected, got '
-                             f'{self.images.shape[0]} images and {self.labels.shape[0]} labels')
-        if not torch.isfinite(self.images).all(): raise ValueError('SyntheticSet: the images hold non-finite values')
-        if not (math.isfinite(self.lr) and self.lr > 0): raise ValueError(f'SyntheticSet: lr={self.lr} must be positive')
+        if (self.labels.shape[0] != self.images.shape[0]
+                or (self.factors is None and self.images.shape[0] != n)):
+            raise ValueError(f'SyntheticSet: {self.n_classes} classes × ipc {self.ipc} = {n} images '
+                             f'expected, got {self.images.shape[0]} images and {self.labels.shape[0]} labels')
+        if not torch.isfinite(self.images).all():
+            raise ValueError('SyntheticSet: the images hold non-finite values')
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f'SyntheticSet: lr={self.lr} must be positive')
 
     @property
     def soft(self) -> bool: return self.labels.is_floating_point()
@@ -69,7 +74,8 @@ INITS = ('real', 'noise')             # the starting sets this loop makes; a hoo
 class TMConfig:
     "The knobs every trajectory-matching method shares (a method's own are the fields of its hooks)."
     iterations: int = 200
-    schedule: str = 'random'            # 'random' (MTT) | 'backend' (Fig. 1b) | a hook's ('progressive', 'growing')
+    # 'random' (MTT) | 'backend' (Fig. 1b) | a hook's ('progressive', 'growing')
+    schedule: str = 'random'
     syn_steps: int = 20                 # N (PTM: N_max, reached at the last stage)
     expert_epochs: int = 2              # random/backend: target = start + expert_epochs
     max_start_epoch: int = 4            # random/backend: start ∈ [0, max_start_epoch)
@@ -77,25 +83,30 @@ class TMConfig:
     n_experts: int | None = None        # use the first n experts of the buffer (None: all)
     lr_img: float = 100.0
     lr_lr: float = 1e-7
-    lr_init: float | str | None = None  # initial syn_lr: None = the experts' lr; 'matched' = see initial_syn_lr
+    # initial syn_lr: None = the experts' lr; 'matched' = see initial_syn_lr
+    lr_init: float | str | None = None
     img_momentum: float = 0.5
     lr_momentum: float = 0.5
     batch_syn: int | None = None        # student minibatch (None: every image each step)
-    init: str = 'real'                  # 'real' (random real images of each class) | 'noise' | a hook's ('correct')
+    # 'real' (random real images of each class) | 'noise' | a hook's ('correct')
+    init: str = 'real'
     beta_match: float = 1.0             # β1
     prune_fraction: float = 0.0         # SMDD (reading): the matching loss drops the worst-matched parameters
-    backward: str = 'exact'             # 'naive' | 'exact' (memory-efficient, same gradient) | 'tesla' (approx.)
+    # 'naive' | 'exact' (memory-efficient, same gradient) | 'tesla' (approx.)
+    backward: str = 'exact'
     lr_param: str = 'softplus'          # how syn_lr stays positive
     dsa: str = 'color_crop_cutout_flip_scale_rotate'   # DSA strategy in the student ('none': off)
     log_every: int = 1
     checkpoint_every: int = 25
-    snapshots: int = 10                 # sets kept along the run (`snapshots/iter_<k>.pt`; Figures 1b and 3): 0 for none
+    # sets kept along the run (`snapshots/iter_<k>.pt`; Figures 1b and 3): 0 for none
+    snapshots: int = 10
 
     def __post_init__(self):
         def bad(name, why): raise ValueError(f'TMConfig.{name}={getattr(self, name)!r}: {why}')
         if self.iterations < 1: bad('iterations', 'must be >= 1')
         if not 0 <= self.backend_p <= 1: bad('backend_p', 'is a probability in [0, 1]')
-        if isinstance(self.lr_init, str) and self.lr_init != 'matched': bad('lr_init', "a number, None or 'matched'")
+        if isinstance(self.lr_init, str) and self.lr_init != 'matched':
+            bad('lr_init', "a number, None or 'matched'")
         if isinstance(self.lr_init, (int, float)) and not (math.isfinite(self.lr_init) and self.lr_init > 0):
             bad('lr_init', 'must be a positive number')
 
@@ -120,8 +131,9 @@ def match_window(iteration: int, cfg: TMConfig, generator: torch.Generator) -> t
 # %% ../nbs/07_distill.ipynb #ef0b0025
 def initial_syn_lr(cfg: TMConfig, expert_lr: float, expert_steps_per_epoch: int,
                    segment: tuple[int, int] | None = None) -> float:
-    """The student's first step size: `cfg.lr_init`, the experts' lr (None), or the lr that matches path lengths
-    over `segment` = (expert epochs, student steps) of the longest segment (default: this loop's window)."""
+    """The student's first step size: `cfg.lr_init`, the experts' lr (None), or the lr that matches path
+    lengths over `segment` = (expert epochs, student steps) of the longest segment (default: this loop's
+    window)."""
     if cfg.lr_init is None: return float(expert_lr)
     if cfg.lr_init != 'matched': return float(cfg.lr_init)
     epochs, steps = segment or (cfg.expert_epochs, cfg.syn_steps)
@@ -132,15 +144,18 @@ def initial_images(train_x, train_y, n_classes: int, ipc: int, init: str, genera
     "Class-major (images, labels) to start distillation from."
     labels = torch.arange(n_classes).repeat_interleave(ipc)
     if init == 'noise':
-        return torch.randn((n_classes * ipc, *train_x.shape[1:]), generator=generator).to(train_x), labels.to(train_x.device)
-    images, _ = real_per_class(train_x, train_y, n_classes, ipc, generator)    # one per-class sampler everywhere
+        return (torch.randn((n_classes * ipc, *train_x.shape[1:]), generator=generator).to(train_x),
+                labels.to(train_x.device))
+    # one per-class sampler everywhere
+    images, _ = real_per_class(train_x, train_y, n_classes, ipc, generator)
     return images, labels.to(train_x.device)
 
 # %% ../nbs/07_distill.ipynb #41f786f2
 class MemoryMeter:
-    """Peak memory of one stretch of work, in MB: on CUDA the allocator's peak; on a CPU the process's peak resident
-    set (VmHWM), which Linux lets a process reset (`/proc/self/clear_refs`), so each iteration gets its own peak.
-    Where the reset is not allowed it falls back to the process's peak so far (and says so in `resettable`)."""
+    """Peak memory of one stretch of work, in MB: on CUDA the allocator's peak; on a CPU the process's peak
+    resident set (VmHWM), which Linux lets a process reset (`/proc/self/clear_refs`), so each iteration gets
+    its own peak. Where the reset is not allowed it falls back to the process's peak so far (and says so in
+    `resettable`)."""
     def __init__(self, device):
         self.device = torch.device(device); self.cuda = self.device.type == 'cuda'; self.resettable = True
         self.reset()
@@ -168,19 +183,32 @@ def peak_memory_mb(device) -> float:
 @dataclass
 class TMHooks:
     "A method's additions to the shared loop (each optional; the defaults leave MTT unchanged)."
-    def owns(self) -> dict: return {}                      # {'schedule': (...), 'init': (...)}: the names it brings
-    def epochs_needed(self, cfg: TMConfig) -> int | None: return None   # the last expert epoch its window reads
-    def segment(self, cfg: TMConfig) -> tuple | None: return None       # (epochs, steps) of its longest segment
-    def start(self, r: 'TMRun', ds) -> tuple | None: return None        # (images, labels, notes) to start from
-    def setup(self, r: 'TMRun'): pass                      # the set and optimisers exist: add learned state
-    def window(self, it: int, r: 'TMRun') -> tuple | None: return None  # (start, target, N) of iteration `it`
-    def batch(self, r: 'TMRun', x, y) -> tuple: return x, y             # the student's set (SeqMatch: + frozen)
-    def loss(self, r: 'TMRun', l_match) -> list: return []              # extra terms, already weighted
-    def skip(self, r: 'TMRun', l_match) -> bool: return False           # True: no update (DATM's gate)
-    def after_update(self, r: 'TMRun', it: int): pass                   # PTM: retraining; FTD: the EMA
-    def log(self, r: 'TMRun') -> dict: return {}                        # fields for the iteration's record
-    def resumable(self) -> dict: return {}                              # objects a restart restores
-    def result(self, r: 'TMRun', images, labels) -> tuple: return images, labels   # FTD: EMA; DATM: probabilities
+    # {'schedule': (...), 'init': (...)}: the names it brings
+    def owns(self) -> dict: return {}
+    # the last expert epoch its window reads
+    def epochs_needed(self, cfg: TMConfig) -> int | None: return None
+    # (epochs, steps) of its longest segment
+    def segment(self, cfg: TMConfig) -> tuple | None: return None
+    # (images, labels, notes) to start from
+    def start(self, r: 'TMRun', ds) -> tuple | None: return None
+    # the set and optimisers exist: add learned state
+    def setup(self, r: 'TMRun'): pass
+    # (start, target, N) of iteration `it`
+    def window(self, it: int, r: 'TMRun') -> tuple | None: return None
+    # the student's set (SeqMatch: + frozen)
+    def batch(self, r: 'TMRun', x, y) -> tuple: return x, y
+    # extra terms, already weighted
+    def loss(self, r: 'TMRun', l_match) -> list: return []
+    # True: no update (DATM's gate)
+    def skip(self, r: 'TMRun', l_match) -> bool: return False
+    # PTM: retraining; FTD: the EMA
+    def after_update(self, r: 'TMRun', it: int): pass
+    # fields for the iteration's record
+    def log(self, r: 'TMRun') -> dict: return {}
+    # objects a restart restores
+    def resumable(self) -> dict: return {}
+    # FTD: EMA; DATM: probabilities
+    def result(self, r: 'TMRun', images, labels) -> tuple: return images, labels
 
 def _owned(hooks, what: str) -> tuple:
     return tuple(n for h in hooks for n in h.owns().get(what, ()))
@@ -198,8 +226,8 @@ def check_hooks(cfg: TMConfig, hooks):
     for what, own in (('schedule', SCHEDULES), ('init', INITS)):
         value, known = getattr(cfg, what), own + _owned(hooks, what)
         if value not in known:
-            raise ValueError(f'TMConfig.{what}={value!r}: choose one of {known} (or pass the hooks of the method '
-                             f'that brings it)')
+            raise ValueError(f'TMConfig.{what}={value!r}: choose one of {known} (or pass the hooks of the '
+                             f'method that brings it)')
 
 # %% ../nbs/07_distill.ipynb #61651c7c
 @dataclass(eq=False)
@@ -223,9 +251,11 @@ class TMRun:
     learned: dict = field(default_factory=dict)      # name → what the guard checks (images, syn_lr, ...)
     guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
     notes: dict = field(default_factory=dict)        # provenance of the set
-    values: dict = field(default_factory=lambda: {'wall_s': 0.0, 'skipped': 0, 'gated': 0})   # survive a restart
+    # survive a restart
+    values: dict = field(default_factory=lambda: {'wall_s': 0.0, 'skipped': 0, 'gated': 0})
 
-    def window(self, it: int) -> tuple: return first_hook(self.hooks, 'window', it, self) or match_window(it, self.cfg, self.gen)
+    def window(self, it: int) -> tuple:
+        return first_hook(self.hooks, 'window', it, self) or match_window(it, self.cfg, self.gen)
 
     def batch(self) -> tuple:
         x, y = self.images, self.labels
@@ -233,8 +263,9 @@ class TMRun:
         return x, y
 
     def resumable(self) -> dict:
-        return {'images': self.images, 'syn_lr': self.syn_lr, **{f'opt_{k}': o for k, o in self.optimisers.items()},
-                'generator': self.gen, **{k: v for h in self.hooks for k, v in h.resumable().items()}}
+        return {'images': self.images, 'syn_lr': self.syn_lr,
+                **{f'opt_{k}': o for k, o in self.optimisers.items()}, 'generator': self.gen,
+                **{k: v for h in self.hooks for k, v in h.resumable().items()}}
 
     def current(self) -> SyntheticSet:
         "The set as it stands (after the hooks' `result`: FTD's EMA, DATM's label probabilities)."
@@ -253,12 +284,13 @@ def tm_setup(ds, experts, cfg: TMConfig, ipc: int, seed: int = 0, device='cpu', 
     check_hooks(cfg, hooks)
     n_experts = cfg.n_experts or len(experts)
     experts.require(n_experts, epochs_needed(cfg, hooks), method=f'{cfg.schedule} trajectory matching')
-    fnet = functional(make_net(net, ds.image_shape, ds.n_classes, torch.Generator().manual_seed(seed), device=device,
-                               **(net_options or {})))
-    ucfg = UnrollConfig(syn_steps=cfg.syn_steps, batch_syn=cfg.batch_syn, backward=cfg.backward, lr_param=cfg.lr_param,
-                        dsa=None if cfg.dsa == 'none' else DSAConfig(strategy=cfg.dsa), soft_target='logits')
-    r = TMRun(cfg, experts, fnet, ucfg, torch.Generator().manual_seed(seed), device, ds.n_classes, ipc, seed, hooks,
-              n_experts)
+    fnet = functional(make_net(net, ds.image_shape, ds.n_classes, torch.Generator().manual_seed(seed),
+                               device=device, **(net_options or {})))
+    ucfg = UnrollConfig(syn_steps=cfg.syn_steps, batch_syn=cfg.batch_syn, backward=cfg.backward,
+                        lr_param=cfg.lr_param, dsa=None if cfg.dsa == 'none' else DSAConfig(strategy=cfg.dsa),
+                        soft_target='logits')
+    r = TMRun(cfg, experts, fnet, ucfg, torch.Generator().manual_seed(seed), device, ds.n_classes, ipc, seed,
+              hooks, n_experts)
     images, labels, r.notes = first_hook(hooks, 'start', r, ds) or (
         *initial_images(ds.train_x, ds.train_y, ds.n_classes, ipc, cfg.init, r.gen), {})
     r.images, r.labels = images.to(device).requires_grad_(True), labels.to(device)
@@ -266,7 +298,8 @@ def tm_setup(ds, experts, cfg: TMConfig, ipc: int, seed: int = 0, device='cpu', 
     lr0 = initial_syn_lr(cfg, experts.config['lr'], steps, first_hook(hooks, 'segment', cfg))
     r.syn_lr = SynLR.from_config(lr0, ucfg, device=device)
     r.optimisers = {'img': torch.optim.SGD([r.images], lr=cfg.lr_img, momentum=cfg.img_momentum),
-                    'lr': torch.optim.SGD(r.syn_lr.parameters(), lr=r.syn_lr.raw_lr_for(cfg.lr_lr), momentum=cfg.lr_momentum)}
+                    'lr': torch.optim.SGD(r.syn_lr.parameters(), lr=r.syn_lr.raw_lr_for(cfg.lr_lr),
+                                          momentum=cfg.lr_momentum)}
     r.learned = {'images': r.images, 'syn_lr': r.syn_lr}
     for h in hooks: h.setup(r)
     return r
@@ -276,7 +309,8 @@ def tm_step(r: TMRun, it: int) -> dict:
     "One iteration: window → unroll → losses → gate → update. Returns the iteration's record."
     k = int(torch.randint(r.n_experts, (1,), generator=r.gen))
     start, target, N = r.window(it)
-    theta_start, theta_target = r.experts.snapshot(k, start, r.device), r.experts.snapshot(k, target, r.device)
+    theta_start = r.experts.snapshot(k, start, r.device)
+    theta_target = r.experts.snapshot(k, target, r.device)
     x, y = r.batch()
     theta_N = unroll_student(r.fnet, theta_start, x, y, r.syn_lr(), dataclasses.replace(r.ucfg, syn_steps=N),
                              generator=r.gen)
@@ -290,15 +324,16 @@ def tm_step(r: TMRun, it: int) -> dict:
     r.values['gated'] += gate
     if updated:
         for h in r.hooks: h.after_update(r, it + 1)
-    return {'expert': k, 'start': start, 'target': target, 'syn_steps': N, 'match_loss': float(l_match.detach()),
-            'syn_lr': r.syn_lr.item(), 'grad_norm': grad_norm, 'skipped': r.guard.skipped, 'gated': r.values['gated'],
-            'updated': updated}
+    return {'expert': k, 'start': start, 'target': target, 'syn_steps': N,
+            'match_loss': float(l_match.detach()), 'syn_lr': r.syn_lr.item(), 'grad_norm': grad_norm,
+            'skipped': r.guard.skipped, 'gated': r.values['gated'], 'updated': updated}
 
 # %% ../nbs/07_distill.ipynb #9b993184
 def distill_tm(ds, experts, cfg: TMConfig, ipc: int, seed: int = 0, device='cpu', run=None,
                net: str = 'convnet', net_options: dict | None = None, progress: bool = True,
                on_iteration=None, hooks=()) -> SyntheticSet:
-    "Trajectory matching on `ds` against the expert buffer `experts`, with a method's `hooks`; the distilled set."
+    """Trajectory matching on `ds` against the expert buffer `experts`, with a method's `hooks`; the
+    distilled set."""
     from tqdm.auto import tqdm
     r = tm_setup(ds, experts, cfg, ipc, seed, device, net, net_options, hooks)
     loop = Resumable(run, **r.resumable())
@@ -306,16 +341,18 @@ def distill_tm(ds, experts, cfg: TMConfig, ipc: int, seed: int = 0, device='cpu'
     r.values = loop.values = {**r.values, **loop.values}
     r.guard.skipped = r.values['skipped']
     meter, every = MemoryMeter(r.device), max(1, cfg.iterations // cfg.snapshots) if cfg.snapshots else 0
-    bar = tqdm(range(first, cfg.iterations), desc=f'{cfg.schedule} ipc={ipc}', disable=not progress, initial=first,
-               total=cfg.iterations)
+    bar = tqdm(range(first, cfg.iterations), desc=f'{cfg.schedule} ipc={ipc}', disable=not progress,
+               initial=first, total=cfg.iterations)
     for it in bar:
         t0 = time.perf_counter(); meter.reset()
         record = tm_step(r, it)
         r.values.update(wall_s=r.values['wall_s'] + time.perf_counter() - t0, skipped=r.guard.skipped)
         if run is not None and (it % cfg.log_every == 0 or it + 1 == cfg.iterations):
             extra = {k: v for h in r.hooks for k, v in h.log(r).items()}
-            run.log({'iteration': it + 1, **record, **extra, 'wall_s': r.values['wall_s'], 'peak_mb': meter.peak_mb()})
-        bar.set_postfix(match=f"{record['match_loss']:.3f}", lr=f"{record['syn_lr']:.2e}", skipped=r.guard.skipped)
+            run.log({'iteration': it + 1, **record, **extra, 'wall_s': r.values['wall_s'],
+                     'peak_mb': meter.peak_mb()})
+        bar.set_postfix(match=f"{record['match_loss']:.3f}", lr=f"{record['syn_lr']:.2e}",
+                        skipped=r.guard.skipped)
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations: loop.save(it + 1)
         if run is not None and every and (it + 1) % every == 0: run.save_snapshot(it + 1, r.current())
         if on_iteration is not None: on_iteration(it + 1, r.images, r.syn_lr)
@@ -346,8 +383,8 @@ class RunFolder:
             text = json.dumps(config, indent=1, sort_keys=True, default=str)
             found = read_or_quarantine(cfg_path, read_json, 'written again from this run\'s config')
             if found is not None and found != json.loads(text):
-                raise ValueError(f'{cfg_path} holds another config than this run\'s: the folder belongs to another '
-                                 'run; pass another folder or delete this one')
+                raise ValueError(f'{cfg_path} holds another config than this run\'s: the folder belongs to '
+                                 'another run; pass another folder or delete this one')
             if found is None: atomic_write(cfg_path, lambda f: f.write(text), 'w')
         self.config = read_json(cfg_path) if cfg_path.exists() else None
 
@@ -380,7 +417,8 @@ class RunFolder:
         self._keep_metrics_to(state['state']['iteration'] if state is not None else 0)
         return state
 
-    def save_snapshot(self, iteration: int, synset: SyntheticSet): synset.save(self.path / 'snapshots' / f'iter_{iteration:06d}.pt')
+    def save_snapshot(self, iteration: int, synset: SyntheticSet):
+        synset.save(self.path / 'snapshots' / f'iter_{iteration:06d}.pt')
     def snapshots(self) -> list[tuple[int, Path]]:
         "(iteration, path) of the sets saved along the run, in order."
         return sorted((int(p.stem.split('_')[1]), p) for p in (self.path / 'snapshots').glob('iter_*.pt'))
@@ -422,20 +460,23 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         import difflib
         close = difflib.get_close_matches(name, METHODS, n=3)
-        raise ValueError(f'unknown method {name!r}' + (f' (did you mean {", ".join(close)}?)' if close else '') +
-                         f'; known methods: {", ".join(sorted(METHODS))}')
+        raise ValueError(f'unknown method {name!r}'
+                         + (f' (did you mean {", ".join(close)}?)' if close else '')
+                         + f'; known methods: {", ".join(sorted(METHODS))}')
     return METHODS[name]
 
 # %% ../nbs/07_distill.ipynb #dfc9a8d4
 TM_HOOKS: dict[str, tuple] = {}       # trajectory-matching method → its hook classes
 
 def split_knobs(hp: dict, *kinds, method: str = 'this method') -> list[dict]:
-    "`hp` split by field name among the dataclasses `kinds`; a knob none of them has is an error naming close ones."
+    """`hp` split by field name among the dataclasses `kinds`; a knob none of them has is an error naming
+    close ones."""
     names = [{f.name for f in dataclasses.fields(k)} for k in kinds]
     known = sorted(set().union(*names))
     unknown = [k for k in hp if k not in known]
     if unknown:
-        said = [f'{u!r}' + (f' (did you mean {" or ".join(c)}?)' if (c := difflib.get_close_matches(u, known, n=2)) else '')
+        said = [f'{u!r}' + (f' (did you mean {" or ".join(c)}?)'
+                            if (c := difflib.get_close_matches(u, known, n=2)) else '')
                 for u in unknown]
         raise ValueError(f'{method}: unknown hyper-parameter(s) {", ".join(said)}; known: {", ".join(known)}')
     return [{k: v for k, v in hp.items() if k in n} for n in names]
@@ -448,7 +489,8 @@ def tm_parts(method: str, hp: dict) -> tuple:
     return TMConfig(**tm), [k(**o) for k, o in zip(kinds, own)], net, net_options
 
 def register_tm(name: str, experts: str = 'plain', description: str = '', hooks: tuple = ()):
-    "Register `distill_tm` with the hook classes `hooks` as method `name` (its knobs: `TMConfig`'s and theirs)."
+    """Register `distill_tm` with the hook classes `hooks` as method `name` (its knobs: `TMConfig`'s and
+    theirs)."""
     TM_HOOKS[name] = tuple(hooks)
     def method(ds, ipc, hp, experts_, seed, device, run, progress) -> SyntheticSet:
         cfg, hs, net, net_options = tm_parts(name, hp)
@@ -458,8 +500,10 @@ def register_tm(name: str, experts: str = 'plain', description: str = '', hooks:
 
 def mtt(ds, experts, ipc: int, *, seed: int = 0, device='cpu', run=None, net: str = 'convnet',
         net_options: dict | None = None, progress: bool = True, on_iteration=None, **knobs) -> SyntheticSet:
-    "MTT (Cazenavette et al. 2022): Eq. 3 on segments [θ_s, θ_s+expert_epochs], s uniform; `knobs`: `TMConfig`'s."
-    return distill_tm(ds, experts, TMConfig(**knobs), ipc, seed, device, run, net, net_options, progress, on_iteration)
+    """MTT (Cazenavette et al. 2022): Eq. 3 on segments [θ_s, θ_s+expert_epochs], s uniform; `knobs`:
+    `TMConfig`'s."""
+    return distill_tm(ds, experts, TMConfig(**knobs), ipc, seed, device, run, net, net_options, progress,
+                      on_iteration)
 
 register_tm('mtt', 'plain', 'MTT: random start, fixed N (Cazenavette et al. 2022)')
 register_tm('mtt_backend', 'plain', 'MTT with back-end start sampling, probability backend_p (Fig. 1b)')
@@ -468,5 +512,7 @@ register_tm('smdd', 'plain', 'SMDD (reading): MTT that prunes the worst-matched 
 @register_method('random', description='random real images of each class (the reference row)')
 def random_real(ds, ipc, hp, experts, seed, device, run, progress):
     "Random real training images, ipc per class, drawn from the seed."
-    images, labels = initial_images(ds.train_x, ds.train_y, ds.n_classes, ipc, 'real', torch.Generator().manual_seed(seed))
-    return SyntheticSet(images.cpu(), labels.cpu(), float(hp.get('lr', 0.01)), ds.n_classes, ipc, {'method': 'random', 'seed': seed})
+    images, labels = initial_images(ds.train_x, ds.train_y, ds.n_classes, ipc, 'real',
+                                    torch.Generator().manual_seed(seed))
+    return SyntheticSet(images.cpu(), labels.cpu(), float(hp.get('lr', 0.01)), ds.n_classes, ipc,
+                        {'method': 'random', 'seed': seed})

@@ -31,26 +31,30 @@ class ExpertError(ValueError):
 
 @dataclass
 class WarmStart:
-    """Sets an expert trains on, one after the other, before its trajectory is recorded: each `(images, labels, lr)`
-    for `epochs` epochs of the evaluation protocol (`ptm_nb.train.TrainConfig`: SGD momentum 0.9, weight decay 5e-4,
-    lr ×0.1 half-way; DSA when the expert config has it). Labels: class indices or (N, C) soft labels."""
-    sets: list                            # [(images (N, ...), labels (N,) | (N, C), lr), ...] in training order
+    """Sets an expert trains on, one after the other, before its trajectory is recorded: each
+    `(images, labels, lr)` for `epochs` epochs of the evaluation protocol (`ptm_nb.train.TrainConfig`: SGD
+    momentum 0.9, weight decay 5e-4, lr ×0.1 half-way; DSA when the expert config has it). Labels: class
+    indices or (N, C) soft labels."""
+    # [(images (N, ...), labels (N,) | (N, C), lr), ...] in training order
+    sets: list
     epochs: int = 300
 
     def __post_init__(self):
         if not isinstance(self.sets, (list, tuple)) or not self.sets:
-            raise ExpertError('WarmStart.sets must be a non-empty list of (images, labels, lr); for no warm start pass '
-                              'ExpertConfig(warm_start=None)')
+            raise ExpertError('WarmStart.sets must be a non-empty list of (images, labels, lr); for no warm '
+                              'start pass ExpertConfig(warm_start=None)')
         for i, s in enumerate(self.sets):
-            ok = (len(s) == 3 and torch.is_tensor(s[0]) and torch.is_tensor(s[1]) and len(s[0]) == len(s[1]) > 0
-                  and math.isfinite(float(s[2])) and float(s[2]) > 0)
-            if not ok: raise ExpertError(f'WarmStart.sets[{i}] must be (images, labels, lr): a non-empty image tensor, '
-                                         f'one label per image and a positive lr')
+            ok = (len(s) == 3 and torch.is_tensor(s[0]) and torch.is_tensor(s[1])
+                  and len(s[0]) == len(s[1]) > 0 and math.isfinite(float(s[2])) and float(s[2]) > 0)
+            if not ok:
+                raise ExpertError(f'WarmStart.sets[{i}] must be (images, labels, lr): a non-empty image '
+                                  f'tensor, one label per image and a positive lr')
         if isinstance(self.epochs, bool) or int(self.epochs) != self.epochs or self.epochs < 1:
             raise ExpertError(f'WarmStart.epochs = {self.epochs!r}: must be an integer >= 1')
 
     def identity(self) -> dict:
-        "What decides the warm start, JSON-ready: a digest of every set's tensors, their sizes and lrs, the epochs."
+        """What decides the warm start, JSON-ready: a digest of every set's tensors, their sizes and lrs, the
+        epochs."""
         return {'sha256': _tensor_digest(*(t for x, y, _ in self.sets for t in (x, y))),
                 'sizes': [len(x) for x, _, _ in self.sets], 'lrs': [float(lr) for *_, lr in self.sets],
                 'epochs': int(self.epochs)}
@@ -74,21 +78,26 @@ class ExpertConfig:
     rho: float = 0.01                     # GSAM perturbation radius (FTD: 0.01)
     alpha: float = 0.3                    # GSAM weight of the orthogonal ascent (FTD: 0.3)
     device: str = 'cpu'
-    parallel: int = 1                     # plain experts trained at once as one stacked model (1: one at a time)
+    # plain experts trained at once as one stacked model (1: one at a time)
+    parallel: int = 1
     warm_start: WarmStart | None = None   # SeqMatch: sets trained on before θ_0 is recorded (None: none)
 
     def __post_init__(self):
-        checks = [('n_experts', self.n_experts >= 1, 'an integer >= 1'), ('epochs', self.epochs >= 1, 'an integer >= 1'),
+        checks = [('n_experts', self.n_experts >= 1, 'an integer >= 1'),
+                  ('epochs', self.epochs >= 1, 'an integer >= 1'),
                   ('lr', self.lr > 0, 'a positive number'), ('batch', self.batch >= 1, 'an integer >= 1'),
-                  ('momentum', 0 <= self.momentum < 1, 'in [0, 1)'), ('weight_decay', self.weight_decay >= 0, '>= 0'),
+                  ('momentum', 0 <= self.momentum < 1, 'in [0, 1)'),
+                  ('weight_decay', self.weight_decay >= 0, '>= 0'),
                   ('rho', self.rho >= 0, '>= 0'), ('alpha', self.alpha >= 0, '>= 0'),
                   ('parallel', self.parallel >= 1, 'an integer >= 1')]
         for name, ok, want in checks:
             if not ok: raise ExpertError(f'ExpertConfig.{name} = {getattr(self, name)!r}: must be {want}')
         if not isinstance(self.net_options, dict):
-            raise ExpertError(f'ExpertConfig.net_options = {self.net_options!r}: must be a dict of make_net options')
+            raise ExpertError(f'ExpertConfig.net_options = {self.net_options!r}: must be a dict of make_net '
+                              'options')
         if self.warm_start is not None and not isinstance(self.warm_start, WarmStart):
-            raise ExpertError(f'ExpertConfig.warm_start is a {type(self.warm_start).__name__}: must be a WarmStart or None')
+            raise ExpertError(f'ExpertConfig.warm_start is a {type(self.warm_start).__name__}: must be a '
+                              'WarmStart or None')
 
     def identity(self) -> dict:
         """The fields that decide the trajectories (all but `n_experts`, `device`, `parallel`), JSON-ready;
@@ -117,7 +126,8 @@ def dataset_identity(ds) -> dict:
 
 def _folder_for(identity: dict, root) -> Path:
     key = json.dumps(identity, sort_keys=True)
-    name = f"{identity['dataset']['name']}-{identity['config']['net']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    name = (f"{identity['dataset']['name']}-{identity['config']['net']}-"
+            f"{hashlib.sha256(key.encode()).hexdigest()[:10]}")
     return Path(root) / name
 
 
@@ -154,25 +164,29 @@ def gsam_direction(loss_grad, w, rho: float, alpha: float, eps: float = 1e-12):
 
 # %% ../nbs/04_experts.ipynb #bd0246d0
 def check_dataset(ds):
-    "Experts learn one class per image: refuse multi-label targets and empty splits with a message that says so."
+    """Experts learn one class per image: refuse multi-label targets and empty splits with a message that says
+    so."""
     if ds.train_y.ndim != 1 or ds.train_y.dtype.is_floating_point:
-        raise ExpertError(f'{ds.name}: experts need int64 class indices of shape (N,), got {ds.train_y.dtype} '
-                          f'{tuple(ds.train_y.shape)} (multi-label datasets are not supported for trajectory matching)')
+        raise ExpertError(f'{ds.name}: experts need int64 class indices of shape (N,), got '
+                          f'{ds.train_y.dtype} {tuple(ds.train_y.shape)} (multi-label datasets are not '
+                          'supported for trajectory matching)')
     if len(ds.train_y) == 0 or len(ds.test_y) == 0:
         raise ExpertError(f'{ds.name}: experts need a non-empty train and test split '
                           f'(has {len(ds.train_y)} train and {len(ds.test_y)} test images)')
 
 
 def init_flat(ds, cfg: ExpertConfig, index: int):
-    "Expert `index`'s network (on `cfg.device`) and its initial flat weights θ_0, drawn from its 'init' stream."
+    """Expert `index`'s network (on `cfg.device`) and its initial flat weights θ_0, drawn from its 'init'
+    stream."""
     gen = expert_generators(cfg, index)['init']
-    net = make_net(cfg.net, tuple(ds.image_shape), ds.n_classes, generator=gen, **cfg.net_options).to(cfg.device)
+    net = make_net(cfg.net, tuple(ds.image_shape), ds.n_classes, generator=gen,
+                   **cfg.net_options).to(cfg.device)
     return net, flat_params(net).detach().clone()
 
 
 def warm_started(ds, cfg: ExpertConfig, net, W, indices) -> torch.Tensor:
-    """The initial weights `W` (K, P) of experts `indices` after training on `cfg.warm_start`'s sets in order (each
-    expert shuffles and augments from its own 'warm' stream); `W` itself when there is no warm start."""
+    """The initial weights `W` (K, P) of experts `indices` after training on `cfg.warm_start`'s sets in order
+    (each expert shuffles and augments from its own 'warm' stream); `W` itself when there is no warm start."""
     ws = cfg.warm_start
     if ws is None: return W
     dev = torch.device(cfg.device)
@@ -180,8 +194,9 @@ def warm_started(ds, cfg: ExpertConfig, net, W, indices) -> torch.Tensor:
     engine = pick_engine(net, batched=len(W) > 1)
     for i, (x, y, lr) in enumerate(ws.sets):
         if tuple(x.shape[1:]) != tuple(ds.image_shape):
-            raise ExpertError(f'WarmStart.sets[{i}] holds images of shape {tuple(x.shape[1:])}, but {ds.name} has '
-                              f'{tuple(ds.image_shape)}: warm-start sets must be images of this dataset')
+            raise ExpertError(f'WarmStart.sets[{i}] holds images of shape {tuple(x.shape[1:])}, but '
+                              f'{ds.name} has {tuple(ds.image_shape)}: warm-start sets must be images of '
+                              'this dataset')
         targets, _ = prepare_targets(y, len(x), ds.n_classes, what=f'WarmStart.sets[{i}] labels')
         protocol = TrainConfig(lr=float(lr), epochs=int(ws.epochs), dsa=cfg.dsa_config if cfg.dsa else None)
         W, _ = fit_stack(net, W, x.to(dev, torch.float32), targets.to(dev), protocol, gens, engine)
@@ -196,7 +211,8 @@ def stack_accuracy(net, W, x, y, batch: int = 1024) -> list:
 
 
 def train_expert(ds, cfg: ExpertConfig, index: int):
-    "Train expert `index` on `ds`'s train split; returns (trajectory (epochs+1, P) float32 on the CPU, metadata)."
+    """Train expert `index` on `ds`'s train split; returns (trajectory (epochs+1, P) float32 on the CPU,
+    metadata)."""
     check_dataset(ds)
     t0 = time.perf_counter()
     dev = torch.device(cfg.device)
@@ -229,36 +245,41 @@ def train_expert(ds, cfg: ExpertConfig, index: int):
         trajectory[epoch + 1] = w.to('cpu', torch.float32)
         train_loss.append(mean_loss)
         test_acc += stack_accuracy(net, w[None], tx, ty)
-    return trajectory, _expert_meta(ds, cfg, index, test_acc, train_loss, time.perf_counter() - t0, w.numel(), 'one')
+    return trajectory, _expert_meta(ds, cfg, index, test_acc, train_loss, time.perf_counter() - t0, w.numel(),
+                                    'one')
 
 
 def _expert_meta(ds, cfg, index, test_acc, train_loss, wall_s, n_params, how):
-    meta = {'index': index, 'dataset': ds.name, 'net': cfg.net, 'net_options': cfg.net_options, 'seed': cfg.seed,
-            'lr': cfg.lr, 'flat': cfg.flat, 'epochs': cfg.epochs, 'n_params': int(n_params), 'test_acc': test_acc,
-            'train_loss': train_loss, 'wall_s': wall_s, 'trained': how, 'device': str(cfg.device),
+    meta = {'index': index, 'dataset': ds.name, 'net': cfg.net, 'net_options': cfg.net_options,
+            'seed': cfg.seed, 'lr': cfg.lr, 'flat': cfg.flat, 'epochs': cfg.epochs, 'n_params': int(n_params),
+            'test_acc': test_acc, 'train_loss': train_loss, 'wall_s': wall_s, 'trained': how,
+            'device': str(cfg.device),
             'torch': str(torch.__version__)}
     return json.loads(json.dumps(meta))   # plain JSON types: the file loads with weights_only=True
 
 # %% ../nbs/04_experts.ipynb #fdd000a5
 def stackable_config(ds, cfg: ExpertConfig) -> bool:
     "Whether `cfg`'s experts can be trained several at once by `train_experts_stacked`."
-    return not cfg.flat and cfg.momentum == 0 and pick_engine(init_flat(ds, cfg, 0)[0], batched=True) != 'module'
+    return (not cfg.flat and cfg.momentum == 0
+            and pick_engine(init_flat(ds, cfg, 0)[0], batched=True) != 'module')
 
 
 def train_experts_stacked(ds, cfg: ExpertConfig, indices) -> list:
-    "Train the plain experts `indices` at once (`ptm_nb.train.fit_stack`); a list of (trajectory, meta) as `train_expert`."
+    """Train the plain experts `indices` at once (`ptm_nb.train.fit_stack`); a list of (trajectory, meta) as
+    `train_expert`."""
     check_dataset(ds)
     if not stackable_config(ds, cfg):
-        raise ExpertError(f'experts with flat={cfg.flat}, momentum={cfg.momentum}, net={cfg.net!r} cannot be trained '
-                          f'stacked: use train_expert (generate_experts does so with ExpertConfig.parallel=1)')
+        raise ExpertError(f'experts with flat={cfg.flat}, momentum={cfg.momentum}, net={cfg.net!r} cannot be '
+                          f'trained stacked: use train_expert (generate_experts does so with '
+                          f'ExpertConfig.parallel=1)')
     t0, dev = time.perf_counter(), torch.device(cfg.device)
     indices = list(indices)
     net = init_flat(ds, cfg, indices[0])[0]
     W = warm_started(ds, cfg, net, torch.stack([init_flat(ds, cfg, k)[1] for k in indices]), indices)
     generators = [expert_generators(cfg, k)['train'] for k in indices]
     engine = pick_engine(net, batched=True)
-    epoch_cfg = TrainConfig(lr=cfg.lr, epochs=1, batch_size=cfg.batch, momentum=0.0, weight_decay=cfg.weight_decay,
-                            decay=1.0, dsa=cfg.dsa_config if cfg.dsa else None)
+    epoch_cfg = TrainConfig(lr=cfg.lr, epochs=1, batch_size=cfg.batch, momentum=0.0,
+                            weight_decay=cfg.weight_decay, decay=1.0, dsa=cfg.dsa_config if cfg.dsa else None)
     x, y, tx, ty = ds.train_x.to(dev), ds.train_y.to(dev), ds.test_x.to(dev), ds.test_y.to(dev)
     trajectories = torch.empty(len(indices), cfg.epochs + 1, W.shape[1], dtype=torch.float32)
     trajectories[:, 0] = W.to('cpu', torch.float32)
@@ -268,12 +289,14 @@ def train_experts_stacked(ds, cfg: ExpertConfig, indices) -> list:
         W, losses = fit_stack(net, W, x, y, epoch_cfg, generators, engine)
         bad = [k for k, l in zip(indices, losses[:, 0].tolist()) if not math.isfinite(l)]
         if bad or not torch.isfinite(W).all():
-            raise ExpertError(f'experts {bad} diverged in epoch {epoch + 1}; lower ExpertConfig.lr (now {cfg.lr})')
+            raise ExpertError(f'experts {bad} diverged in epoch {epoch + 1}; lower ExpertConfig.lr '
+                              f'(now {cfg.lr})')
         trajectories[:, epoch + 1] = W.to('cpu', torch.float32)
         for i, (a, l) in enumerate(zip(stack_accuracy(net, W, tx, ty), losses[:, 0].tolist())):
             test_acc[i].append(a); train_loss[i].append(l)
     wall = (time.perf_counter() - t0) / len(indices)
-    return [(trajectories[i].clone(), _expert_meta(ds, cfg, k, test_acc[i], train_loss[i], wall, W.shape[1], f'stacked({engine})'))
+    return [(trajectories[i].clone(),
+             _expert_meta(ds, cfg, k, test_acc[i], train_loss[i], wall, W.shape[1], f'stacked({engine})'))
             for i, k in enumerate(indices)]
 
 # %% ../nbs/04_experts.ipynb #686244b3
@@ -287,7 +310,8 @@ class ExpertBuffer:
         meta_path = self.folder / 'meta.json'
         if not meta_path.exists():
             raise ExpertError(f'no expert buffer at {self.folder} ({meta_path.name} is missing): '
-                              f'create it with ptm_nb.experts.generate_experts(ds, cfg, root={str(self.folder.parent)!r})')
+                              f'create it with ptm_nb.experts.generate_experts(ds, cfg, '
+                              f'root={str(self.folder.parent)!r})')
         self.meta = read_json(meta_path)
         self.cache_size, self._cache = cache_size, OrderedDict()
 
@@ -307,8 +331,8 @@ class ExpertBuffer:
     def expert_config(self, **changes) -> ExpertConfig:
         "The `ExpertConfig` this buffer was made with (`n_experts` = its length), with `changes` applied."
         if 'warm_start' in self.meta['config']:
-            raise ExpertError(f'{self.folder} holds warm-started experts, whose sets meta.json records only by digest: '
-                              'build the ExpertConfig again with the same WarmStart')
+            raise ExpertError(f'{self.folder} holds warm-started experts, whose sets meta.json records only '
+                              'by digest: build the ExpertConfig again with the same WarmStart')
         d = {**self.meta['config'], 'n_experts': max(1, len(self))}
         d['dsa_config'] = DSAConfig(**d['dsa_config'])
         return dataclasses.replace(ExpertConfig(**d), **changes)
@@ -325,14 +349,15 @@ class ExpertBuffer:
         if problems:
             fix = []
             if len(self) < n_experts:
-                fix.append(f'run generate_experts(ds, buffer.expert_config(n_experts={n_experts}), root={str(self.folder.parent)!r})'
-                           f' (it keeps the {len(self)} finished experts and trains the other {n_experts - len(self)})')
+                fix.append(f'run generate_experts(ds, buffer.expert_config(n_experts={n_experts}), '
+                           f'root={str(self.folder.parent)!r}) (it keeps the {len(self)} finished experts '
+                           f'and trains the other {n_experts - len(self)})')
             if self.epochs < epochs:
-                fix.append(f'longer experts are a new buffer: generate_experts(ds, buffer.expert_config(epochs={epochs}), '
-                           f'root={str(self.folder.parent)!r}), or ask {method} for at most {self.epochs} epochs '
-                           f'(start epoch + matched epochs)')
-            raise ExpertError(f'{method} needs ' + ' and '.join(problems) + f' from the expert buffer {self.folder}; '
-                              + '; '.join(fix))
+                fix.append(f'longer experts are a new buffer: generate_experts(ds, '
+                           f'buffer.expert_config(epochs={epochs}), root={str(self.folder.parent)!r}), '
+                           f'or ask {method} for at most {self.epochs} epochs (start epoch + matched epochs)')
+            raise ExpertError(f'{method} needs ' + ' and '.join(problems)
+                              + f' from the expert buffer {self.folder}; ' + '; '.join(fix))
         return self
 
     def _check_index(self, k: int):
@@ -341,7 +366,8 @@ class ExpertBuffer:
                               if len(self) else f'the expert buffer {self.folder} has no finished expert yet')
 
     def trajectory(self, k: int) -> torch.Tensor:
-        "Expert k's snapshots θ_0 … θ_E as one (epochs + 1, P) float32 tensor (memory-mapped; do not write to it)."
+        """Expert k's snapshots θ_0 … θ_E as one (epochs + 1, P) float32 tensor (memory-mapped; do not write
+        to it)."""
         self._check_index(k)
         if k in self._cache:
             self._cache.move_to_end(k); return self._cache[k]
@@ -353,10 +379,13 @@ class ExpertBuffer:
     def snapshot(self, k: int, epoch: int, device=None) -> torch.Tensor:
         "θ_epoch of expert k as a fresh flat vector (on `device` when given)."
         if not 0 <= epoch <= self.epochs:
-            raise ExpertError(f'epoch {epoch} is out of range for {self.folder}: its experts have epochs 0..{self.epochs}')
+            raise ExpertError(f'epoch {epoch} is out of range for {self.folder}: its experts have epochs '
+                              f'0..{self.epochs}')
         return self.trajectory(k)[epoch].to(device=device, copy=True)
 
-    def __repr__(self): return f'ExpertBuffer({str(self.folder)!r}, experts={len(self)}, epochs={self.epochs}, P={self.n_params})'
+    def __repr__(self):
+        return (f'ExpertBuffer({str(self.folder)!r}, experts={len(self)}, epochs={self.epochs}, '
+                f'P={self.n_params})')
 
 
 def _load_expert(path, k: int, epochs: int = None, n_params: int = None):
@@ -365,7 +394,8 @@ def _load_expert(path, k: int, epochs: int = None, n_params: int = None):
     traj, meta = (obj.get('trajectory'), obj.get('meta')) if isinstance(obj, dict) else (None, None)
     if not torch.is_tensor(traj) or traj.ndim != 2 or not isinstance(meta, dict):
         raise CorruptFile(path, 'not an expert file (no (epochs + 1, P) trajectory and meta)')
-    want = (epochs + 1 if epochs is not None else traj.shape[0], n_params if n_params is not None else traj.shape[-1])
+    want = (epochs + 1 if epochs is not None else traj.shape[0],
+            n_params if n_params is not None else traj.shape[-1])
     if traj.dtype != torch.float32 or tuple(traj.shape) != want or meta.get('index') != k:
         raise CorruptFile(path, f'it holds a {traj.dtype} array of shape {tuple(traj.shape)} for expert '
                                 f'{meta.get("index")}, expected float32 {want} for expert {k}')
@@ -373,7 +403,8 @@ def _load_expert(path, k: int, epochs: int = None, n_params: int = None):
 
 
 def read_expert(folder, k: int, epochs: int = None, n_params: int = None):
-    "Load expert k's file memory-mapped as (trajectory, meta); a file that cannot be read or has the wrong shape raises."
+    """Load expert k's file memory-mapped as (trajectory, meta); a file that cannot be read or has the wrong
+    shape raises."""
     path = expert_path(folder, k)
     try: return _load_expert(path, k, epochs, n_params)
     except (CorruptFile, OSError) as e:
@@ -396,8 +427,10 @@ def _expert_file_ok(folder: Path, k: int, meta: dict):
     return {**kept, 'sha256': recorded.get('sha256') or file_digest(path)}
 
 
-def generate_experts(ds, cfg: ExpertConfig, root='outputs/experts', on_expert_done=None, progress: bool = True) -> ExpertBuffer:
-    "Train (or finish) `cfg.n_experts` experts on `ds` into `expert_folder(ds, cfg, root)`; returns the buffer."
+def generate_experts(ds, cfg: ExpertConfig, root='outputs/experts', on_expert_done=None,
+                     progress: bool = True) -> ExpertBuffer:
+    """Train (or finish) `cfg.n_experts` experts on `ds` into `expert_folder(ds, cfg, root)`; returns the
+    buffer."""
     from tqdm.auto import tqdm
     identity = {'config': cfg.identity(), 'dataset': dataset_identity(ds)}
     folder = _folder_for(identity, root)

@@ -25,15 +25,18 @@ class Task:
     spec: RunSpec
     deps: tuple = ()                      # keys of the tasks it waits for
     device: str = 'cpu'
-    hparams: dict | None = None           # the hyper-parameter table the plan resolved with (None: hparams.yaml)
+    # the hyper-parameter table the plan resolved with (None: hparams.yaml)
+    hparams: dict | None = None
 
 def run_finished(root, rid: str) -> bool:
     "A run whose evaluation and synthetic set are written needs no task."
     folder = Path(root) / 'runs' / rid
     return (folder / 'eval.json').exists() and (folder / 'synset.pt').exists()
 
-def plan(specs, root, hparams: dict | None = None, data_root=None, datasets: dict | None = None) -> dict[str, Task]:
-    """The tasks that `specs` still need under `root`, keyed (ordered: buffers before the runs that read them).
+def plan(specs, root, hparams: dict | None = None, data_root=None,
+         datasets: dict | None = None) -> dict[str, Task]:
+    """The tasks that `specs` still need under `root`, keyed (ordered: buffers before the runs that read
+    them).
     `datasets` ({name: MedDataset}) saves loading each dataset again to name its buffers."""
     hp, datasets, tasks = hparams or load_hparams(), dict(datasets or {}), {}
     for spec in specs:
@@ -42,7 +45,8 @@ def plan(specs, root, hparams: dict | None = None, data_root=None, datasets: dic
         if rid in tasks or run_finished(root, rid): continue
         deps = ()
         if cfg['experts']:
-            if cfg['dataset'] not in datasets: datasets[cfg['dataset']] = load_dataset(cfg['dataset'], root=data_root)
+            if cfg['dataset'] not in datasets:
+                datasets[cfg['dataset']] = load_dataset(cfg['dataset'], root=data_root)
             ds = limit_train(datasets[cfg['dataset']], (cfg.get('data') or {}).get('max_train_per_class'))
             ekey = expert_folder(ds, expert_config(cfg, device, len(ds.train_y)), Path(root) / 'experts').name
             if ekey not in tasks: tasks[ekey] = Task('experts', ekey, spec, (), device, hparams)
@@ -57,16 +61,18 @@ def work(task: Task, root, data_root=None, threads: int | None = 1, *deps) -> di
     t0 = time.perf_counter()
     if task.kind == 'experts':
         cfg = task.spec.resolve(task.hparams)
-        ds = limit_train(load_dataset(cfg['dataset'], root=data_root), (cfg.get('data') or {}).get('max_train_per_class'))
+        ds = limit_train(load_dataset(cfg['dataset'], root=data_root),
+                         (cfg.get('data') or {}).get('max_train_per_class'))
         experts_for(ds, cfg, root, task.device, progress=False)
         return {'key': task.key, 'kind': 'experts', 'seconds': time.perf_counter() - t0}
     res = run(task.spec, root=root, data_root=data_root, progress=False, hparams=task.hparams)
-    return {'key': task.key, 'kind': 'run', 'seconds': time.perf_counter() - t0, 'acc_mean': res.eval['acc_mean'],
-            'val_acc_mean': res.eval.get('val_acc_mean')}
+    return {'key': task.key, 'kind': 'run', 'seconds': time.perf_counter() - t0,
+            'acc_mean': res.eval['acc_mean'], 'val_acc_mean': res.eval.get('val_acc_mean')}
 
 @dataclass
 class GridResult:
-    "What a graph did: the results of the tasks that finished, and the failures (key → the error's last lines)."
+    """What a graph did: the results of the tasks that finished, and the failures (key → the error's last
+    lines)."""
     done: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -98,11 +104,29 @@ def _sequential(tasks, root, data_root, threads, bar) -> GridResult:
         bar.set_postfix_str(_by_kind(tasks, out)); bar.update()
     return out
 
+def _dask_client(tasks: dict[str, Task], scheduler: str | None, workers: int) -> tuple:
+    """(cluster, client): a client of the Dask cluster at `scheduler` (cluster None), else of an embedded
+    `LocalCluster` of `workers` single-threaded processes."""
+    import dask
+    from dask.distributed import Client, LocalCluster
+    # saturation 1.0: a worker holds no more tasks than it has threads, so a task that becomes ready later
+    # (a run whose buffer just finished) is not queued behind ready ones of lower priority already handed out
+    # a task on a CUDA device asks for the resource GPU=1: the embedded cluster then has one worker that
+    # holds it (one GPU); more GPUs: one `dask worker --resources GPU=1` per GPU, given with `scheduler`
+    # (README)
+    gpu = any(t.device.startswith('cuda') for t in tasks.values())
+    with dask.config.set({'distributed.scheduler.worker-saturation': 1.0}):
+        cluster = None if scheduler else LocalCluster(n_workers=1 if gpu else workers, threads_per_worker=1,
+                                                      processes=True, dashboard_address=':0',
+                                                      resources={'GPU': 1} if gpu else None)
+    return cluster, Client(scheduler or cluster)
+
 def run_grid(tasks: dict[str, Task], root, scheduler: str | None = None, workers: int | None = None,
              retries: int = 1, data_root=None, progress: bool = True, threads: int | None = 1) -> GridResult:
-    """Execute `tasks` (from `plan`): on the Dask cluster at `scheduler`, else on an embedded `LocalCluster` of
-    `workers` single-threaded processes (default `default_workers()`), or in this process when `workers == 0`.
-    Every task runs even when another fails; the failures are in the result (see `GridResult.raise_failures`)."""
+    """Execute `tasks` (from `plan`): on the Dask cluster at `scheduler`, else on an embedded `LocalCluster`
+    of `workers` single-threaded processes (default `default_workers()`), or in this process when
+    `workers == 0`. Every task runs even when another fails; the failures are in the result (see
+    `GridResult.raise_failures`)."""
     from tqdm.auto import tqdm
     t0, root = time.perf_counter(), str(Path(root).resolve())
     workers = default_workers() if workers is None else workers
@@ -112,27 +136,21 @@ def run_grid(tasks: dict[str, Task], root, scheduler: str | None = None, workers
         out = _sequential(tasks, root, data_root, threads, bar); bar.close()
         out.seconds = time.perf_counter() - t0
         return out
-    import dask
-    from dask.distributed import Client, LocalCluster, as_completed
-    # saturation 1.0: a worker holds no more tasks than it has threads, so a task that becomes ready later (a run
-    # whose buffer just finished) is not queued behind ready ones of lower priority already handed out
-    # a task on a CUDA device asks for the resource GPU=1: the embedded cluster then has one worker that holds it
-    # (one GPU); more GPUs: one `dask worker --resources GPU=1` per GPU, given with `scheduler` (README)
-    gpu = any(t.device.startswith('cuda') for t in tasks.values())
-    with dask.config.set({'distributed.scheduler.worker-saturation': 1.0}):
-        cluster = None if scheduler else LocalCluster(n_workers=1 if gpu else workers, threads_per_worker=1,
-                                                      processes=True, dashboard_address=':0',
-                                                      resources={'GPU': 1} if gpu else None)
-    client = Client(scheduler or cluster)
-    if scheduler and progress: print(f'grid: {len(tasks)} tasks on {scheduler} (dashboard: {client.dashboard_link})')
+    from dask.distributed import as_completed
+    cluster, client = _dask_client(tasks, scheduler, workers)
+    if scheduler and progress:
+        print(f'grid: {len(tasks)} tasks on {scheduler} (dashboard: {client.dashboard_link})')
     try:
         futures = {}
-        for i, t in enumerate(tasks.values()):  # buffers come first: their futures exist when a run names them
+        # buffers come first: their futures exist when a run names them
+        for i, t in enumerate(tasks.values()):
             res = {'GPU': 1} if t.device.startswith('cuda') else None
-            # among the tasks that are ready, the earlier in `tasks` runs first (a task that needs no buffer may still
-            # start before an earlier one that waits for its buffer: measured with sleeping tasks)
-            futures[t.key] = client.submit(work, t, root, data_root, threads, *[futures[d] for d in t.deps if d in futures],
-                                           key=t.key, retries=retries, pure=False, resources=res, priority=len(tasks) - i)
+            # among the tasks that are ready, the earlier in `tasks` runs first (a task that needs no buffer
+            # may still start before an earlier one that waits for its buffer: measured with sleeping tasks)
+            futures[t.key] = client.submit(work, t, root, data_root, threads,
+                                           *[futures[d] for d in t.deps if d in futures],
+                                           key=t.key, retries=retries, pure=False, resources=res,
+                                           priority=len(tasks) - i)
         out = GridResult()
         for fut in as_completed(list(futures.values())):
             if fut.status == 'finished': out.done[fut.key] = fut.result()

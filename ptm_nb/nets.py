@@ -24,8 +24,8 @@ def check_in_shape(in_shape) -> tuple[int, ...]:
     try: shape = tuple(int(s) for s in in_shape)
     except (TypeError, ValueError): shape = None
     if shape is None or len(shape) not in (3, 4) or min(shape) < 1 or shape != tuple(in_shape):
-        raise ValueError(f"in_shape must be (C, H, W) for 2D or (C, D, H, W) for 3D, positive ints without the "
-                         f"batch dimension; got {in_shape!r}")
+        raise ValueError(f"in_shape must be (C, H, W) for 2D or (C, D, H, W) for 3D, positive ints without "
+                         f"the batch dimension; got {in_shape!r}")
     return shape
 
 def spatial_dims(in_shape) -> int:
@@ -53,8 +53,8 @@ def functional_mode():
 
 class BatchNorm(nn.Module):
     """Batch normalisation over dim 1 for any number of spatial dims. Called as a module: as `nn.BatchNorm2d`
-    (batch statistics and running-average update in training, running statistics in eval). In `functional_mode`:
-    always the batch's statistics, buffers untouched, in training and in eval alike."""
+    (batch statistics and running-average update in training, running statistics in eval). In
+    `functional_mode`: always the batch's statistics, buffers untouched, in training and in eval alike."""
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
@@ -71,11 +71,13 @@ class BatchNorm(nn.Module):
 
     def extra_repr(self): return f'{self.num_features}, eps={self.eps}, momentum={self.momentum}'
 
-def conv_layer(nd: int, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, bias: bool = True):
+def conv_layer(nd: int, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0,
+               bias: bool = True):
     return (nn.Conv2d if nd == 2 else nn.Conv3d)(cin, cout, kernel, stride=stride, padding=padding, bias=bias)
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
-    "'instance' = GroupNorm(C, C, affine), 'layer' = GroupNorm(1, C), 'batch' = `BatchNorm`, 'none' = identity."
+    """'instance' = GroupNorm(C, C, affine), 'layer' = GroupNorm(1, C), 'batch' = `BatchNorm`,
+    'none' = identity."""
     _check_choice(kind, NORMS, 'norm')
     if kind == 'instance': return nn.GroupNorm(channels, channels, affine=True)
     if kind == 'layer': return nn.GroupNorm(1, channels, affine=True)
@@ -95,7 +97,8 @@ def pool_layer(kind: str, nd: int) -> nn.Module:
 
 # %% ../nbs/01_nets.ipynb #ae432c1d
 def flat_size(features: nn.Module, in_shape, net_name: str = 'network') -> int:
-    "Number of features `features` produces for one input of `in_shape` (a shape-only pass on the meta device)."
+    """Number of features `features` produces for one input of `in_shape` (a shape-only pass on the meta
+    device)."""
     state = {k: torch.empty_like(v, device='meta') for k, v in
              [*features.named_parameters(), *features.named_buffers()]}
     x = torch.empty(2, *in_shape, device='meta')
@@ -113,7 +116,8 @@ class ConvNet(nn.Module):
                  act: str = 'relu', pool: str = 'avg', first_padding: int = 1):
         super().__init__()
         in_shape = check_in_shape(in_shape); nd = len(in_shape) - 1
-        if depth < 1 or width < 1: raise ValueError(f"ConvNet needs depth >= 1 and width >= 1, got {depth}, {width}")
+        if depth < 1 or width < 1:
+            raise ValueError(f"ConvNet needs depth >= 1 and width >= 1, got {depth}, {width}")
         layers, cin = [], in_shape[0]
         for d in range(depth):
             layers += [conv_layer(nd, cin, width, 3, padding=first_padding if d == 0 else 1),
@@ -154,7 +158,8 @@ class AlexNet(nn.Module):
         def block(cin, cout, k, p, pool):
             return [conv_layer(nd, cin, cout, k, padding=p), norm_layer(norm, cout), act_layer(act),
                     *([pool_layer('max', nd)] if pool else [])]
-        self.features = nn.Sequential(*block(in_shape[0], c[0], 5, padding, True), *block(c[0], c[1], 5, 2, True),
+        self.features = nn.Sequential(*block(in_shape[0], c[0], 5, padding, True),
+                                      *block(c[0], c[1], 5, 2, True),
                                       *block(c[1], c[2], 3, 1, False), *block(c[2], c[3], 3, 1, False),
                                       *block(c[3], c[4], 3, 1, True))
         self.classifier = nn.Linear(flat_size(self.features, in_shape, 'alexnet'), num_classes)
@@ -167,7 +172,8 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1, self.norm1 = conv_layer(nd, cin, cout, 3, stride, 1, bias=False), norm_layer(norm, cout)
         self.conv2, self.norm2 = conv_layer(nd, cout, cout, 3, 1, 1, bias=False), norm_layer(norm, cout)
-        self.shortcut = (nn.Sequential(conv_layer(nd, cin, cout, 1, stride, bias=False), norm_layer(norm, cout))
+        self.shortcut = (nn.Sequential(conv_layer(nd, cin, cout, 1, stride, bias=False),
+                                       norm_layer(norm, cout))
                          if stride != 1 or cin != cout else nn.Identity())
 
     def forward(self, x):
@@ -176,7 +182,8 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     "ResNet18 for `(C,H,W)` or `(C,D,H,W)` inputs of any size."
-    def __init__(self, in_shape, num_classes: int, width: int = 64, norm: str = 'instance', stem: str = 'auto'):
+    def __init__(self, in_shape, num_classes: int, width: int = 64, norm: str = 'instance',
+                 stem: str = 'auto'):
         super().__init__()
         in_shape = check_in_shape(in_shape); nd = len(in_shape) - 1
         _check_choice(stem, ('auto', 'small', 'large'), 'stem')
@@ -210,7 +217,8 @@ def init_params(net: nn.Module, generator: torch.Generator) -> nn.Module:
     done = set()
     for module in net.modules():
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            bound = 1 / math.sqrt(module.weight[0].numel())       # fan_in = in_channels/groups * kernel volume
+            # fan_in = in_channels/groups * kernel volume
+            bound = 1 / math.sqrt(module.weight[0].numel())
             uniform_(module.weight, bound)
             if module.bias is not None: uniform_(module.bias, bound)
         elif isinstance(module, _NORM_TYPES):
@@ -242,7 +250,8 @@ def net_options(name: str) -> dict:
 
 def make_net(name: str, in_shape, num_classes: int, generator: torch.Generator | None = None, *,
              device=None, dtype: torch.dtype | None = None, **options) -> nn.Module:
-    "Network `name` for inputs `in_shape` ((C,H,W) or (C,D,H,W)) and `num_classes`, weights drawn from `generator`."
+    """Network `name` for inputs `in_shape` ((C,H,W) or (C,D,H,W)) and `num_classes`, weights drawn from
+    `generator`."""
     known = net_options(name)
     unknown = sorted(set(options) - set(known))
     if unknown: raise ValueError(f"{name}: unknown options {unknown}; its options are {known}")
@@ -273,7 +282,8 @@ def load_flat(net: nn.Module, flat: torch.Tensor) -> nn.Module:
     n = num_params(net)
     if flat.dim() != 1 or flat.numel() != n:
         raise ValueError(f"load_flat: expected a 1-D vector of {n} values, got shape {tuple(flat.shape)}")
-    for p, v in zip(net.parameters(), flat.split([p.numel() for p in net.parameters()])): p.copy_(v.view_as(p))
+    for p, v in zip(net.parameters(), flat.split([p.numel() for p in net.parameters()])):
+        p.copy_(v.view_as(p))
     return net
 
 class FlatNet:

@@ -49,7 +49,8 @@ def overlap_loss(images: torch.Tensor, n_classes: int, ipc: int, sigma='median')
     "Eq. 4: Σ_c |F||C|·(2 k̄(F,C) − k̄(C,C) − k̄(F,F)), same-class pairs only; 0 when ipc = 1."
     n_found = math.ceil(ipc / 2)
     if ipc - n_found == 0: return images.sum() * 0.
-    s = median_sigma(images, n_classes, ipc) if sigma == 'median' else torch.as_tensor(float(sigma), device=images.device)
+    s = (median_sigma(images, n_classes, ipc) if sigma == 'median'
+         else torch.as_tensor(float(sigma), device=images.device))
     flat = images.reshape(n_classes, ipc, -1)
     F, C = flat[:, :n_found], flat[:, n_found:]
     k_fc, k_cc, k_ff = _gauss(F, C, s), _gauss(C, C, s), _gauss(F, F, s)
@@ -78,12 +79,14 @@ class ComplementRetrainer:
         self.snap_at = {s: r for s, r in self.pairs}
         self.restore_at = {r: s for s, r in self.pairs}
 
-    def step(self, iteration: int, images: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> bool:
+    def step(self, iteration: int, images: torch.Tensor,
+             optimizer: torch.optim.Optimizer | None = None) -> bool:
         "Call once per iteration, after the image update. Returns True when the complement was restored."
         if self.complement.numel() == 0: return False
         restored = False
         if iteration in self.restore_at and self.restore_at[iteration] in self.snapshots:
-            with torch.no_grad(): images[self.complement] = self.snapshots.pop(self.restore_at[iteration]).to(images)
+            with torch.no_grad():
+                images[self.complement] = self.snapshots.pop(self.restore_at[iteration]).to(images)
             if optimizer is not None:                        # (reading) reset the complement's momentum
                 buf = optimizer.state.get(images, {}).get('momentum_buffer')
                 if buf is not None: buf[self.complement] = 0
@@ -101,7 +104,8 @@ from .distill import TMHooks, TMConfig, SyntheticSet, distill_tm, register_tm, s
 @dataclass
 class PTMHooks(TMHooks):
     "PTM's knobs (Sec. 3.2-3.3) and what they do to the loop."
-    max_target_epoch: int = 4           # T: the last stage's target epoch (hparams.yaml: null = the experts' last)
+    # T: the last stage's target epoch (hparams.yaml: null = the experts' last)
+    max_target_epoch: int = 4
     steps: str = 'proportional'         # N(t) = max(1, round(N·t/T)) | 'fixed' (N every stage)
     beta_overlap: float = 0.0           # β2 of Eq. 5 (0: no overlap term)
     sigma: float | str = 'median'       # kernel width of Eq. 4
@@ -109,8 +113,10 @@ class PTMHooks(TMHooks):
     reset_momentum: bool = True         # (reading) reset the complement's momentum when it is restored
 
     def __post_init__(self):
-        if self.max_target_epoch < 1: raise ValueError(f'ptm: max_target_epoch={self.max_target_epoch}: must be >= 1')
-        if self.steps not in ('proportional', 'fixed'): raise ValueError(f"ptm: steps={self.steps!r}: 'proportional' or 'fixed'")
+        if self.max_target_epoch < 1:
+            raise ValueError(f'ptm: max_target_epoch={self.max_target_epoch}: must be >= 1')
+        if self.steps not in ('proportional', 'fixed'):
+            raise ValueError(f"ptm: steps={self.steps!r}: 'proportional' or 'fixed'")
 
     def owns(self): return {'schedule': ('progressive',)}
     def _progressive(self, cfg): return cfg.schedule == 'progressive'
@@ -123,7 +129,8 @@ class PTMHooks(TMHooks):
         return 0, t, progressive_steps(t, self.max_target_epoch, r.cfg.syn_steps, self.steps)
 
     def setup(self, r):
-        self.retrainer = ComplementRetrainer(r.cfg.iterations, self.retrain_k, split_halves(r.n_classes, r.ipc)[1])
+        self.retrainer = ComplementRetrainer(r.cfg.iterations, self.retrain_k,
+                                             split_halves(r.n_classes, r.ipc)[1])
         self.overlap = torch.zeros(())
 
     def loss(self, r, l_match):
@@ -135,18 +142,21 @@ class PTMHooks(TMHooks):
         self.retrainer.step(it, r.images, r.optimisers['img'] if self.reset_momentum else None)
 
     def log(self, r):
-        return {'overlap_loss': float(self.overlap.detach()), 'mmd': intra_class_mmd(r.images.detach(), r.n_classes, r.ipc)}
+        return {'overlap_loss': float(self.overlap.detach()),
+                'mmd': intra_class_mmd(r.images.detach(), r.n_classes, r.ipc)}
 
     def resumable(self): return {'retrainer': self.retrainer}
 
 # %% ../nbs/06_ptm.ipynb #8e087a43
 def ptm(ds, experts, ipc: int, *, seed: int = 0, device='cpu', run=None, net: str = 'convnet',
         net_options: dict | None = None, progress: bool = True, on_iteration=None, **knobs) -> SyntheticSet:
-    """Progressive trajectory matching (Sec. 3): Eq. 3 on [θ_0, θ_t] with t growing 1 → T by stages, + β2·Eq. 4
-    between each class's halves, with dynamic retraining of the complement (Eq. 5). `knobs`: `PTMHooks`'s fields
-    (max_target_epoch, steps, beta_overlap, sigma, retrain_k, reset_momentum) and `TMConfig`'s."""
+    """Progressive trajectory matching (Sec. 3): Eq. 3 on [θ_0, θ_t] with t growing 1 → T by stages,
+    + β2·Eq. 4 between each class's halves, with dynamic retraining of the complement (Eq. 5). `knobs`:
+    `PTMHooks`'s fields (max_target_epoch, steps, beta_overlap, sigma, retrain_k, reset_momentum) and
+    `TMConfig`'s."""
     tm, own = split_knobs({'schedule': 'progressive', **knobs}, TMConfig, PTMHooks, method='ptm')
     return distill_tm(ds, experts, TMConfig(**tm), ipc, seed, device, run, net, net_options, progress,
                       on_iteration, hooks=[PTMHooks(**own)])
 
-register_tm('ptm', 'plain', 'PTM: progressive matching + overlap term + dynamic retraining', hooks=(PTMHooks,))
+register_tm('ptm', 'plain', 'PTM: progressive matching + overlap term + dynamic retraining',
+            hooks=(PTMHooks,))

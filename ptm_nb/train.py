@@ -25,7 +25,8 @@ __all__ = ['SOFT_TARGETS', 'ENGINES', 'CPU_STACK_MAX_BATCH', 'EVAL_CHECKPOINT_EV
 
 # %% ../nbs/03_train.ipynb #ab9ccd1f
 def stream_seed(seed: int, *keys) -> int:
-    "A 63-bit seed derived from `seed` and `keys` (strings or ints): independent streams for nets and purposes."
+    """A 63-bit seed derived from `seed` and `keys` (strings or ints): independent streams for nets and
+    purposes."""
     digest = hashlib.sha256(repr((int(seed),) + tuple(keys)).encode()).digest()
     return int.from_bytes(digest[:8], 'little') & (2 ** 63 - 1)
 
@@ -47,13 +48,15 @@ def balanced_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return torch.stack(recalls).mean().item()
 
 def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    "ROC AUC of `scores` (N,) for the boolean `positive` (N,): P(score of a positive > score of a negative), ties ½."
+    """ROC AUC of `scores` (N,) for the boolean `positive` (N,): P(score of a positive > score of a negative),
+    ties ½."""
     scores, positive = scores.double().flatten(), positive.bool().flatten()
     n_pos = int(positive.sum()); n_neg = len(positive) - n_pos
     if n_pos == 0 or n_neg == 0: return float('nan')
     sorted_scores, order = scores.sort()
     _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
-    last = counts.cumsum(0).double()                               # 1-based rank of each tie group's last member
+    # 1-based rank of each tie group's last member
+    last = counts.cumsum(0).double()
     mean_rank = (last - (counts - 1) / 2)[inverse]                # tied scores share their mean rank
     ranks = torch.empty_like(mean_rank).scatter_(0, order, mean_rank)
     return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
@@ -77,8 +80,8 @@ def test_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict:
 # %% ../nbs/03_train.ipynb #344a0c3d
 SOFT_TARGETS = ('auto', 'probs', 'logits')
 
-def prepare_targets(labels: torch.Tensor, n_images: int, n_classes: int | None = None, soft_target: str = 'auto',
-                    what: str = 'labels') -> tuple[torch.Tensor, int]:
+def prepare_targets(labels: torch.Tensor, n_images: int, n_classes: int | None = None,
+                    soft_target: str = 'auto', what: str = 'labels') -> tuple[torch.Tensor, int]:
     "Checked training targets (int64 (N,) or probabilities (N, C)) and the class count, or a clear error."
     if soft_target not in SOFT_TARGETS:
         raise ValueError(f"soft_target must be one of {SOFT_TARGETS}, got {soft_target!r}")
@@ -86,15 +89,19 @@ def prepare_targets(labels: torch.Tensor, n_images: int, n_classes: int | None =
         raise TypeError(f"{what} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point:
         if labels.ndim != 2 or labels.shape[0] != n_images:
-            raise ValueError(f"{what}: soft labels must have shape (N, C) = ({n_images}, C), got {tuple(labels.shape)}")
+            raise ValueError(f"{what}: soft labels must have shape (N, C) = ({n_images}, C), "
+                             f"got {tuple(labels.shape)}")
         if n_classes is not None and labels.shape[1] != n_classes:
-            raise ValueError(f"{what}: soft labels have {labels.shape[1]} columns but there are {n_classes} classes")
+            raise ValueError(f"{what}: soft labels have {labels.shape[1]} columns but there are {n_classes} "
+                             "classes")
         if not torch.isfinite(labels).all(): raise ValueError(f"{what}: soft labels contain NaN or inf")
-        is_probs = bool((labels >= 0).all() and torch.allclose(labels.sum(1), torch.ones_like(labels[:, 0]), atol=1e-4))
+        is_probs = bool((labels >= 0).all()
+                        and torch.allclose(labels.sum(1), torch.ones_like(labels[:, 0]), atol=1e-4))
         if soft_target == 'probs' and not is_probs:
             raise ValueError(f"{what}: soft_target='probs' needs non-negative rows summing to 1; "
                              f"use soft_target='logits' for logits")
-        targets = labels if soft_target == 'probs' or (soft_target == 'auto' and is_probs) else labels.softmax(1)
+        targets = (labels if soft_target == 'probs' or (soft_target == 'auto' and is_probs)
+                   else labels.softmax(1))
         return targets.float(), labels.shape[1]
     if labels.dtype in (torch.bool, torch.complex64, torch.complex128) or labels.ndim != 1:
         raise ValueError(f"{what}: hard labels must be integer class indices of shape (N,), got dtype "
@@ -105,13 +112,15 @@ def prepare_targets(labels: torch.Tensor, n_images: int, n_classes: int | None =
         raise ValueError(f"{what}: label {labels.min().item()} is negative; labels are class indices 0..C-1")
     n_classes = int(labels.max()) + 1 if n_classes is None else int(n_classes)
     if n_images and labels.max() >= n_classes:
-        raise ValueError(f"{what}: label {labels.max().item()} is out of range for {n_classes} classes (0..{n_classes - 1})")
+        raise ValueError(f"{what}: label {labels.max().item()} is out of range for {n_classes} classes "
+                         f"(0..{n_classes - 1})")
     return labels.long(), n_classes
 
 # %% ../nbs/03_train.ipynb #698755f9
 @dataclass(frozen=True)
 class TrainConfig:
-    "How a net is trained for evaluation (paper Sec. 4.3): SGD with momentum and weight decay, one lr step, DSA."
+    """How a net is trained for evaluation (paper Sec. 4.3): SGD with momentum and weight decay, one lr step,
+    DSA."""
     lr: float = 0.01
     epochs: int = 1000
     batch_size: int = 256                  # a set smaller than this is one batch per epoch
@@ -128,11 +137,13 @@ class TrainConfig:
         object.__setattr__(self, 'lr', float(self.lr))
         if not (math.isfinite(self.lr) and self.lr > 0): bad('lr', 'must be a positive number')
         if int(self.epochs) != self.epochs or self.epochs < 1: bad('epochs', 'must be an int >= 1')
-        if int(self.batch_size) != self.batch_size or self.batch_size < 1: bad('batch_size', 'must be an int >= 1')
+        if int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            bad('batch_size', 'must be an int >= 1')
         if not 0 <= self.momentum < 1: bad('momentum', 'must be in [0, 1)')
         if self.weight_decay < 0: bad('weight_decay', 'must be >= 0')
         if not 0 <= self.decay_at <= 1: bad('decay_at', 'must be in [0, 1]')
-        if self.dsa is not None and not isinstance(self.dsa, DSAConfig): bad('dsa', 'must be a DSAConfig or None')
+        if self.dsa is not None and not isinstance(self.dsa, DSAConfig):
+            bad('dsa', 'must be a DSAConfig or None')
         if self.soft_target not in SOFT_TARGETS: bad('soft_target', f'must be one of {SOFT_TARGETS}')
         if self.eval_batch < 1: bad('eval_batch', 'must be >= 1')
 
@@ -147,15 +158,18 @@ _STACKABLE_LAYERS = (nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.Identity, nn.ReLU, n
 def stackable(net: nn.Module) -> bool:
     "Whether `StackedNet` can run K copies of `net` as one grouped network."
     if type(net) not in (ConvNet, LeNet, AlexNet): return False
-    layers = [*net.features, *(net.classifier if isinstance(net.classifier, nn.Sequential) else [net.classifier])]
+    layers = [*net.features,
+              *(net.classifier if isinstance(net.classifier, nn.Sequential) else [net.classifier])]
     return (all(type(m) in _STACKABLE_LAYERS for m in layers)
             and all(m.groups == 1 for m in layers if isinstance(m, nn.modules.conv._ConvNd))
             and not any(True for _ in net.buffers()))
 
 class StackedNet:
-    "`f(W, x) -> (K, B, classes)`: K copies of `net` with the K flat parameter vectors `W` (K, P), as one model."
+    """`f(W, x) -> (K, B, classes)`: K copies of `net` with the K flat parameter vectors `W` (K, P), as one
+    model."""
     def __init__(self, net: nn.Module):
-        if not stackable(net): raise ValueError(f"StackedNet: {type(net).__name__} is not stackable (see `stackable`)")
+        if not stackable(net):
+            raise ValueError(f"StackedNet: {type(net).__name__} is not stackable (see `stackable`)")
         self.net, flat = net, functional(net)
         offsets = [0]
         for s in flat.sizes: offsets.append(offsets[-1] + s)
@@ -201,26 +215,30 @@ ENGINES = ('func', 'vmap', 'stacked', 'module')
 def has_buffers(net: nn.Module) -> bool:
     return any(b.numel() > 0 for b in net.buffers())
 
-CPU_STACK_MAX_BATCH = 32  # on the CPU, stacking pays only for minibatches this small (see the measurements above)
+# on the CPU, stacking pays only for minibatches this small (see the measurements above)
+CPU_STACK_MAX_BATCH = 32
 
 def pick_engine(net: nn.Module, batched: bool, device=None, batch: int | None = None) -> str:
-    """The engine `engine='auto'` means for `net` on `device` with `batch` images per net and step: the fastest
-    that the net allows (measured above), one net at a time where stacking does not pay."""
+    """The engine `engine='auto'` means for `net` on `device` with `batch` images per net and step: the
+    fastest that the net allows (measured above), one net at a time where stacking does not pay."""
     if has_buffers(net): return 'module'
     if not batched: return 'func'
     on_cpu = torch.device(device if device is not None else 'cpu').type == 'cpu'
-    if on_cpu: return 'stacked' if stackable(net) and (batch is None or batch <= CPU_STACK_MAX_BATCH) else 'func'
+    if on_cpu:
+        return 'stacked' if stackable(net) and (batch is None or batch <= CPU_STACK_MAX_BATCH) else 'func'
     return 'stacked' if stackable(net) else 'vmap'
 
 def make_grad_fn(net: nn.Module, engine: str):
-    "`grad_fn(W, X, Y) -> (G, losses)`: per-net gradients (K, P) and mean losses (K,) for batches X (K, B, ...)."
+    """`grad_fn(W, X, Y) -> (G, losses)`: per-net gradients (K, P) and mean losses (K,) for batches
+    X (K, B, ...)."""
     if engine not in ENGINES: raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     f = functional(net)
     def loss(w, x, y): return F.cross_entropy(f(w, x), y)
     if engine == 'func':
         one = grad_and_value(loss)
         def grad_fn(W, X, Y):
-            if len(W) != 1: raise ValueError(f"engine 'func' trains one net at a time, got a stack of {len(W)}")
+            if len(W) != 1:
+                raise ValueError(f"engine 'func' trains one net at a time, got a stack of {len(W)}")
             g, l = one(W[0], X[0], Y[0])
             return g.unsqueeze(0), l.detach().unsqueeze(0)
     elif engine == 'vmap':
@@ -240,7 +258,8 @@ def make_grad_fn(net: nn.Module, engine: str):
     else:
         params = list(net.parameters())
         def grad_fn(W, X, Y):
-            if len(W) != 1: raise ValueError(f"engine 'module' trains one net at a time, got a stack of {len(W)}")
+            if len(W) != 1:
+                raise ValueError(f"engine 'module' trains one net at a time, got a stack of {len(W)}")
             load_flat(net, W[0]); net.train()
             with torch.enable_grad():
                 l = F.cross_entropy(net(X[0]), Y[0])
@@ -249,7 +268,8 @@ def make_grad_fn(net: nn.Module, engine: str):
     return grad_fn
 
 @torch.no_grad()
-def predict(net: nn.Module, W: torch.Tensor, x: torch.Tensor, engine: str, eval_batch: int = 1024) -> torch.Tensor:
+def predict(net: nn.Module, W: torch.Tensor, x: torch.Tensor, engine: str,
+            eval_batch: int = 1024) -> torch.Tensor:
     "Logits (K, N, classes) of the K nets `W` (K, P) on the images `x` (N, ...), in batches, without a graph."
     if engine == 'module':
         if len(W) != 1: raise ValueError(f"engine 'module' predicts with one net at a time, got {len(W)}")
@@ -265,7 +285,8 @@ def predict(net: nn.Module, W: torch.Tensor, x: torch.Tensor, engine: str, eval_
 # %% ../nbs/03_train.ipynb #7b6885f7
 def augment_stack(X: torch.Tensor, dsa: DSAConfig, generators: list, grouped: bool = True) -> torch.Tensor:
     """DSA on a batch per net `X` (K, B, ...), net k's parameters drawn from `generators[k]`. DSA acts on each
-    sample alone, so nets that drew the same operation are augmented in one call (`grouped`), at most one per op."""
+    sample alone, so nets that drew the same operation are augmented in one call (`grouped`), at most one
+    per op."""
     K, B, nd = X.shape[0], X.shape[1], X.ndim - 3
     draws = [dsa_draw(dsa, B, nd, g) for g in generators]            # on the generators' device (CPU)
     if not grouped or K == 1: return torch.stack([dsa_apply(X[k], d) for k, d in enumerate(draws)])
@@ -297,12 +318,13 @@ def _read_fit_checkpoint(path) -> dict:
 def fit_stack(net: nn.Module, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
               generators: list, engine: str, checkpoint=None,
               checkpoint_every_s: float = EVAL_CHECKPOINT_EVERY_S) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train the K nets `W` (K, P) on `x`, `y` (shared, or one set per net with a leading K) with the protocol `cfg`;
-    returns the final parameters (K, P) and the mean training loss of every epoch (K, epochs).
-    With a `checkpoint` path the state at the end of an epoch (parameters, momentum, losses and the generators'
-    states) is saved there atomically every `checkpoint_every_s` seconds and at the end, and a call that finds the
-    file resumes from it: an interrupted training finishes with the numbers an uninterrupted one gives. A
-    damaged file is set aside (`<name>.corrupt`, named in a warning) and the training starts again from 0."""
+    """Train the K nets `W` (K, P) on `x`, `y` (shared, or one set per net with a leading K) with the protocol
+    `cfg`; returns the final parameters (K, P) and the mean training loss of every epoch (K, epochs).
+    With a `checkpoint` path the state at the end of an epoch (parameters, momentum, losses and the
+    generators' states) is saved there atomically every `checkpoint_every_s` seconds and at the end, and a
+    call that finds the file resumes from it: an interrupted training finishes with the numbers an
+    uninterrupted one gives. A damaged file is set aside (`<name>.corrupt`, named in a warning) and the
+    training starts again from 0."""
     K = len(W)
     if len(generators) != K: raise ValueError(f"fit_stack: {len(generators)} generators for {K} nets")
     per_net = x.ndim == len(net.in_shape) + 2
@@ -316,8 +338,8 @@ def fit_stack(net: nn.Module, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                                                            'the training starts again from epoch 0')
     if st is not None:
         if st['key'] != key:
-            raise ValueError(f"{checkpoint}: a training checkpoint of another setup ({st['key']}, this one is {key}); "
-                             f"delete the file to start this training afresh")
+            raise ValueError(f"{checkpoint}: a training checkpoint of another setup ({st['key']}, this one "
+                             f"is {key}); delete the file to start this training afresh")
         dev = W.device                                  # loaded on the CPU, where the generators' states live
         start, W, losses = st['epoch'], st['W'].to(dev), st['losses'].to(dev)
         velocity = None if st['velocity'] is None else st['velocity'].to(dev)
@@ -335,7 +357,8 @@ def fit_stack(net: nn.Module, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                 velocity = G if velocity is None else velocity.mul_(cfg.momentum).add_(G)
                 W.add_(velocity, alpha=-lr)
                 losses[:, epoch] += loss * (idx.shape[1] / n)
-        if checkpoint is not None and (epoch + 1 == cfg.epochs or time.perf_counter() - last_save >= checkpoint_every_s):
+        if checkpoint is not None and (epoch + 1 == cfg.epochs
+                                       or time.perf_counter() - last_save >= checkpoint_every_s):
             state = {'key': key, 'epoch': epoch + 1, 'W': W, 'velocity': velocity, 'losses': losses,
                      'generators': [g.get_state() for g in generators]}
             atomic_write(checkpoint, lambda f: torch.save(state, f)); last_save = time.perf_counter()
@@ -382,12 +405,15 @@ def train_net(net: nn.Module, x: torch.Tensor, y: torch.Tensor, test_x: torch.Te
     targets, n_classes = prepare_targets(y, len(x), n_classes, cfg.soft_target, 'y')
     if test_x is not None: _check_test(test_x, test_y, x.shape[1:], n_classes)
     if engine == 'auto': engine = pick_engine(net, batched=False)
-    if engine not in ('func', 'module'): raise ValueError(f"train_net trains one net: engine 'func' or 'module', got {engine!r}")
-    if engine == 'func' and has_buffers(net): raise ValueError("this net has buffers (batch norm): use engine='module'")
+    if engine not in ('func', 'module'):
+        raise ValueError(f"train_net trains one net: engine 'func' or 'module', got {engine!r}")
+    if engine == 'func' and has_buffers(net):
+        raise ValueError("this net has buffers (batch norm): use engine='module'")
     generator = torch.Generator().manual_seed(0) if generator is None else generator
     net.to(device); net.in_shape = getattr(net, 'in_shape', tuple(x.shape[1:]))
     t0 = time.perf_counter()
-    W, losses = fit_stack(net, flat_params(net).unsqueeze(0), x.to(device), targets.to(device), cfg, [generator], engine)
+    W, losses = fit_stack(net, flat_params(net).unsqueeze(0), x.to(device), targets.to(device), cfg,
+                          [generator], engine)
     load_flat(net, W[0])
     metrics, logits = {'acc': None, 'auc': None, 'bal_acc': None}, None
     if test_x is not None:
@@ -410,7 +436,8 @@ class EvalResult:
     label: str = ''
     train_loss: list | None = None      # (K, epochs) mean training loss per epoch
     params: torch.Tensor | None = None  # (K, P) final flat parameters, when asked for
-    val: dict | None = None             # the same nets on the validation split: {'accs', 'aucs', 'bal_accs'} (tuning)
+    # the same nets on the validation split: {'accs', 'aucs', 'bal_accs'} (tuning)
+    val: dict | None = None
 
     @staticmethod
     def _ms(v):
@@ -438,11 +465,13 @@ class EvalResult:
         "The numbers, JSON-ready (no tensors)."
         keys = ('mean', 'std', 'auc_mean', 'auc_std', 'bal_acc_mean', 'bal_acc_std', 'n_nets')
         return {**{k: getattr(self, k) for k in keys}, 'accs': list(self.accs), 'aucs': list(self.aucs),
-                'bal_accs': list(self.bal_accs), 'epochs': self.epochs, 'seconds': self.seconds, 'engine': self.engine,
-                'lr': self.lr, 'label': self.label, 'reported_at': 'final epoch', **self.val_dict()}
+                'bal_accs': list(self.bal_accs), 'epochs': self.epochs, 'seconds': self.seconds,
+                'engine': self.engine, 'lr': self.lr, 'label': self.label, 'reported_at': 'final epoch',
+                **self.val_dict()}
 
     def val_dict(self) -> dict:
-        "The validation-split numbers as `val_<metric>_mean/_std` (empty without a validation split): tuning reads these."
+        """The validation-split numbers as `val_<metric>_mean/_std` (empty without a validation split): tuning
+        reads these."""
         if not self.val: return {}
         out = {}
         for key, name in (('accs', 'acc'), ('aucs', 'auc'), ('bal_accs', 'bal_acc')):
@@ -450,97 +479,136 @@ class EvalResult:
         return out
 
 def _as_int(v, what, low=1):
-    if isinstance(v, bool) or int(v) != v or v < low: raise ValueError(f"{what} must be an int >= {low}, got {v!r}")
+    if isinstance(v, bool) or int(v) != v or v < low:
+        raise ValueError(f"{what} must be an int >= {low}, got {v!r}")
     return int(v)
 
-def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                    net: str = 'convnet', net_options: dict | None = None, lr: float = 0.01, epochs: int = 1000,
-                    K: int = 10, seed: int = 0, batched: bool = True, dsa: DSAConfig | None = DSAConfig(),
-                    device=None, *, batch_size: int = TrainConfig.batch_size, n_classes: int | None = None,
-                    cfg: TrainConfig | None = None,
-                    engine: str = 'auto', keep_params: bool = False, label: str = '', checkpoint=None,
-                    checkpoint_every_s: float | None = None, val: tuple | None = None) -> EvalResult:
-    """Train K fresh `net`s on (`images`, `labels`) and test them on (`test_x`, `test_y`) at the final epoch.
-    `images` may hold one set per net, (K, N, ...) with labels (K, N[, C]). `cfg` (if given) supplies the other
-    protocol knobs; `lr`, `epochs`, `batch_size` and `dsa` always apply. With a `checkpoint` path the training
-    saves its state there now and then (`fit_stack`) and an interrupted evaluation resumes from it; the file is
-    removed once the nets are tested. `checkpoint_every_s` defaults to `EVAL_CHECKPOINT_EVERY_S`. `val` = (val_x,
-    val_y): the same nets are also tested on the validation split (`EvalResult.val`), which is what tuning reads."""
-    K = _as_int(K, 'K')
-    cfg = replace(cfg or TrainConfig(), lr=float(lr), epochs=_as_int(epochs, 'epochs'), batch_size=batch_size, dsa=dsa)
+def _eval_targets(images, labels, test_x, test_y, K: int, n_classes: int | None, cfg: TrainConfig) -> tuple:
+    """Check `evaluate_synset`'s sets and test split: (per_net, the image sets, their targets, n_classes),
+    where `per_net` says that `images` holds one set per net."""
     _check_images(test_x, 'test_x')
     if not isinstance(images, torch.Tensor) or images.ndim not in (4, 5, 6):
-        raise ValueError(f"images must be a float tensor (N, C, H, W), (N, C, D, H, W) or one set per net (K, N, ...), "
-                         f"got shape {tuple(getattr(images, 'shape', ()))}")
+        raise ValueError(f"images must be a float tensor (N, C, H, W), (N, C, D, H, W) or one set per net "
+                         f"(K, N, ...), got shape {tuple(getattr(images, 'shape', ()))}")
     per_net = images.ndim == test_x.ndim + 1
     if per_net and len(images) != K: raise ValueError(f"images hold {len(images)} sets (K, N, ...) but K={K}")
     sets = list(images) if per_net else [images]
     set_labels = list(labels) if per_net else [labels]
-    if per_net and len(set_labels) != K: raise ValueError(f"labels hold {len(set_labels)} sets for K={K} image sets")
+    if per_net and len(set_labels) != K:
+        raise ValueError(f"labels hold {len(set_labels)} sets for K={K} image sets")
     if n_classes is None and not labels.dtype.is_floating_point:
         n_classes = int(max(labels.max(), test_y.max())) + 1
     targets = []
     for i, (xs, ys) in enumerate(zip(sets, set_labels)):
         _check_images(xs, 'images' + (f'[{i}]' if per_net else ''), test_x.shape[1:])
-        t, n_classes = prepare_targets(ys, len(xs), n_classes, cfg.soft_target, 'labels' + (f'[{i}]' if per_net else ''))
+        t, n_classes = prepare_targets(ys, len(xs), n_classes, cfg.soft_target,
+                                       'labels' + (f'[{i}]' if per_net else ''))
         targets.append(t)
     _check_test(test_x, test_y, test_x.shape[1:], n_classes)
+    return per_net, sets, targets, n_classes
+
+def _eval_engine(engine: str, nets: list, net: str, batched: bool, device, batch: int) -> str:
+    "The engine that trains the evaluation `nets` (`'auto'`: `pick_engine`'s); one that cannot is refused."
+    if engine == 'auto': engine = pick_engine(nets[0], batched, device, batch)
+    if engine not in ENGINES: raise ValueError(f"engine must be 'auto' or one of {ENGINES}, got {engine!r}")
+    if engine in ('vmap', 'stacked') and has_buffers(nets[0]):
+        raise ValueError(f"{net} has buffers (batch norm): it cannot train batched; "
+                         "use engine='module' or 'auto'")
+    if engine == 'stacked' and not stackable(nets[0]):
+        raise ValueError(f"{net} is not stackable: use engine='vmap'")
+    return engine
+
+def _fit_nets(nets: list, W0, x, y, cfg: TrainConfig, gens: list, engine: str, per_net: bool, checkpoint,
+              checkpoint_every_s: float) -> tuple:
+    """Train the evaluation `nets` from `W0` (K, P): as one stack, or one net at a time; (final parameters
+    (K, P), training losses (K, epochs), the checkpoint paths)."""
+    K = len(nets)
+    # one checkpoint for the stack, or one per net when they train one at a time
+    ckpts = [None] * K if checkpoint is None else [Path(checkpoint)] if engine in ('vmap', 'stacked') else \
+            [Path(checkpoint).with_name(f'{Path(checkpoint).stem}.net{k}{Path(checkpoint).suffix}')
+             for k in range(K)]
+    if engine in ('vmap', 'stacked'):
+        W, losses = fit_stack(nets[0], W0, x, y, cfg, gens, engine, ckpts[0], checkpoint_every_s)
+    else:                                                            # one net at a time
+        out = [fit_stack(nets[k], W0[k:k + 1], x[k] if per_net else x, y[k] if per_net else y, cfg, [gens[k]],
+                         engine, ckpts[k], checkpoint_every_s) for k in range(K)]
+        W, losses = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+    return W, losses, ckpts
+
+def _predict_nets(nets: list, W: torch.Tensor, x: torch.Tensor, engine: str, eval_batch: int) -> torch.Tensor:
+    "Logits (K, N, classes) of the trained evaluation nets: the stack at once, or one net at a time."
+    if engine in ('vmap', 'stacked'): return predict(nets[0], W, x, engine, eval_batch)
+    return torch.cat([predict(nets[k], W[k:k + 1], x, engine, eval_batch) for k in range(len(nets))])
+
+def _metric_lists(metrics: list) -> dict:
+    "Per-net `test_metrics` as lists: {'accs', 'aucs', 'bal_accs'}."
+    return {'accs': [m['acc'] for m in metrics], 'aucs': [m['auc'] for m in metrics],
+            'bal_accs': [m['bal_acc'] for m in metrics]}
+
+def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                    net: str = 'convnet', net_options: dict | None = None, lr: float = 0.01,
+                    epochs: int = 1000, K: int = 10, seed: int = 0, batched: bool = True,
+                    dsa: DSAConfig | None = DSAConfig(), device=None, *,
+                    batch_size: int = TrainConfig.batch_size, n_classes: int | None = None,
+                    cfg: TrainConfig | None = None,
+                    engine: str = 'auto', keep_params: bool = False, label: str = '', checkpoint=None,
+                    checkpoint_every_s: float | None = None, val: tuple | None = None) -> EvalResult:
+    """Train K fresh `net`s on (`images`, `labels`) and test them on (`test_x`, `test_y`) at the final epoch.
+    `images` may hold one set per net, (K, N, ...) with labels (K, N[, C]). `cfg` (if given) supplies the
+    other protocol knobs; `lr`, `epochs`, `batch_size` and `dsa` always apply. With a `checkpoint` path the
+    training saves its state there now and then (`fit_stack`) and an interrupted evaluation resumes from it;
+    the file is removed once the nets are tested. `checkpoint_every_s` defaults to `EVAL_CHECKPOINT_EVERY_S`.
+    `val` = (val_x, val_y): the same nets are also tested on the validation split (`EvalResult.val`), which is
+    what tuning reads."""
+    K = _as_int(K, 'K')
+    cfg = replace(cfg or TrainConfig(), lr=float(lr), epochs=_as_int(epochs, 'epochs'), batch_size=batch_size,
+                  dsa=dsa)
+    per_net, sets, targets, n_classes = _eval_targets(images, labels, test_x, test_y, K, n_classes, cfg)
     device = torch.device(device) if device is not None else images.device
     x = (torch.stack(sets) if per_net else images).to(device)
     y = (torch.stack(targets) if per_net else targets[0]).to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
-    nets = [make_net(net, tuple(test_x.shape[1:]), n_classes, stream_generator(seed, 'net', k, 'init'), device=device,
-                     **(net_options or {})) for k in range(K)]
+    nets = [make_net(net, tuple(test_x.shape[1:]), n_classes, stream_generator(seed, 'net', k, 'init'),
+                     device=device, **(net_options or {})) for k in range(K)]
     gens = [stream_generator(seed, 'net', k, 'train') for k in range(K)]
-    if engine == 'auto': engine = pick_engine(nets[0], batched, device, min(cfg.batch_size, x.shape[1 if per_net else 0]))
-    if engine not in ENGINES: raise ValueError(f"engine must be 'auto' or one of {ENGINES}, got {engine!r}")
-    if engine in ('vmap', 'stacked') and has_buffers(nets[0]):
-        raise ValueError(f"{net} has buffers (batch norm): it cannot train batched; use engine='module' or 'auto'")
-    if engine == 'stacked' and not stackable(nets[0]): raise ValueError(f"{net} is not stackable: use engine='vmap'")
+    engine = _eval_engine(engine, nets, net, batched, device,
+                          min(cfg.batch_size, x.shape[1 if per_net else 0]))
     t0 = time.perf_counter()
     W0 = torch.stack([flat_params(n) for n in nets])
     if checkpoint_every_s is None: checkpoint_every_s = EVAL_CHECKPOINT_EVERY_S
-    # one checkpoint for the stack, or one per net when they train one at a time
-    ckpts = [None] * K if checkpoint is None else [Path(checkpoint)] if engine in ('vmap', 'stacked') else \
-            [Path(checkpoint).with_name(f'{Path(checkpoint).stem}.net{k}{Path(checkpoint).suffix}') for k in range(K)]
-    if engine in ('vmap', 'stacked'):
-        W, losses = fit_stack(nets[0], W0, x, y, cfg, gens, engine, ckpts[0], checkpoint_every_s)
-        logits = predict(nets[0], W, test_x, engine, cfg.eval_batch)
-    else:                                                            # one net at a time
-        out = [fit_stack(nets[k], W0[k:k + 1], x[k] if per_net else x, y[k] if per_net else y, cfg, [gens[k]], engine,
-                         ckpts[k], checkpoint_every_s) for k in range(K)]
-        W, losses = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
-        logits = torch.cat([predict(nets[k], W[k:k + 1], test_x, engine, cfg.eval_batch) for k in range(K)])
+    W, losses, ckpts = _fit_nets(nets, W0, x, y, cfg, gens, engine, per_net, checkpoint, checkpoint_every_s)
+    logits = _predict_nets(nets, W, test_x, engine, cfg.eval_batch)
     metrics = [test_metrics(lg, test_y) for lg in logits]
     val_metrics = None
     if val is not None:                                              # the same nets on the validation split
         vx, vy = val[0].to(device), val[1].to(device)
-        if engine in ('vmap', 'stacked'): vlogits = predict(nets[0], W, vx, engine, cfg.eval_batch)
-        else: vlogits = torch.cat([predict(nets[k], W[k:k + 1], vx, engine, cfg.eval_batch) for k in range(K)])
-        vm = [test_metrics(lg, vy) for lg in vlogits]
-        val_metrics = {'accs': [m['acc'] for m in vm], 'aucs': [m['auc'] for m in vm], 'bal_accs': [m['bal_acc'] for m in vm]}
+        vlogits = _predict_nets(nets, W, vx, engine, cfg.eval_batch)
+        val_metrics = _metric_lists([test_metrics(lg, vy) for lg in vlogits])
     for c in ckpts:
         if c is not None: c.unlink(missing_ok=True)
-    return EvalResult(accs=[m['acc'] for m in metrics], aucs=[m['auc'] for m in metrics],
-                      bal_accs=[m['bal_acc'] for m in metrics], epochs=cfg.epochs, seconds=time.perf_counter() - t0,
-                      engine=engine + ('' if engine in ('vmap', 'stacked') else ' (one net at a time)'), lr=cfg.lr,
-                      label=label, train_loss=losses.tolist(), params=W if keep_params else None,
+    return EvalResult(**_metric_lists(metrics), epochs=cfg.epochs, seconds=time.perf_counter() - t0,
+                      engine=engine + ('' if engine in ('vmap', 'stacked') else ' (one net at a time)'),
+                      lr=cfg.lr, label=label, train_loss=losses.tolist(), params=W if keep_params else None,
                       val=val_metrics)
 
 # %% ../nbs/03_train.ipynb #0e73e8c0
 def random_real_baseline(ds, ipc: int, draws: int = 5, K: int = 1, seed: int = 0, net: str = 'convnet',
-                         net_options: dict | None = None, lr: float = 0.01, epochs: int = 300, batched: bool = True,
-                         dsa: DSAConfig | None = DSAConfig(), device=None, **kw) -> EvalResult:
+                         net_options: dict | None = None, lr: float = 0.01, epochs: int = 300,
+                         batched: bool = True, dsa: DSAConfig | None = DSAConfig(), device=None,
+                         **kw) -> EvalResult:
     """`draws` class-balanced sets of `ipc` random real training images (draw d from
-    `stream_generator(seed, 'draw', d)`), each trained with `K` nets; the result pools the `draws × K` nets."""
+    `stream_generator(seed, 'draw', d)`), each trained with `K` nets; the result pools the `draws × K`
+    nets."""
     draws, K = _as_int(draws, 'draws'), _as_int(K, 'K')
     picks = [real_per_class(ds.train_x, ds.train_y, ds.n_classes, ipc, stream_generator(seed, 'draw', d))
              for d in range(draws)]
-    xs = torch.stack([p[0] for p in picks for _ in range(K)])           # (draws*K, n, ...): net d*K+j sees draw d
+    # (draws*K, n, ...): net d*K+j sees draw d
+    xs = torch.stack([p[0] for p in picks for _ in range(K)])
     ys = torch.stack([p[1] for p in picks for _ in range(K)])
-    return evaluate_synset(xs, ys, ds.test_x, ds.test_y, net, net_options, lr, epochs, draws * K, seed, batched, dsa,
-                           device, n_classes=ds.n_classes,
-                           label=f'random real, ipc {ipc} ({draws} draws x {K} net{"s" if K > 1 else ""})', **kw)
+    return evaluate_synset(xs, ys, ds.test_x, ds.test_y, net, net_options, lr, epochs, draws * K, seed,
+                           batched, dsa, device, n_classes=ds.n_classes,
+                           label=f'random real, ipc {ipc} ({draws} draws x {K} net{"s" if K > 1 else ""})',
+                           **kw)
 
 def full_data_epochs(n_train: int, epochs: int, min_steps: int = 0,
                      batch_size: int = TrainConfig.batch_size) -> int:
@@ -553,10 +621,10 @@ def full_data_baseline(ds, epochs: int = 30, K: int = 3, seed: int = 0, net: str
                        net_options: dict | None = None, lr: float = 0.01, batched: bool = True,
                        dsa: DSAConfig | None = DSAConfig(), device=None, min_steps: int = 0,
                        batch_size: int = TrainConfig.batch_size, **kw) -> EvalResult:
-    """`K` nets trained on the whole real training split of `ds`, tested at the final epoch. `min_steps` raises
-    `epochs` on a small split, so that these nets are not trained for fewer steps than the synthetic sets' nets
-    (300 epochs of one batch at quick scale) and the row stays the ceiling it is meant to be."""
+    """`K` nets trained on the whole real training split of `ds`, tested at the final epoch. `min_steps`
+    raises `epochs` on a small split, so that these nets are not trained for fewer steps than the synthetic
+    sets' nets (300 epochs of one batch at quick scale) and the row stays the ceiling it is meant to be."""
     epochs = full_data_epochs(len(ds.train_y), epochs, min_steps, batch_size)
-    return evaluate_synset(ds.train_x, ds.train_y, ds.test_x, ds.test_y, net, net_options, lr, epochs, K, seed,
-                           batched, dsa, device, batch_size=batch_size, n_classes=ds.n_classes,
+    return evaluate_synset(ds.train_x, ds.train_y, ds.test_x, ds.test_y, net, net_options, lr, epochs, K,
+                           seed, batched, dsa, device, batch_size=batch_size, n_classes=ds.n_classes,
                            label='full real data', **kw)

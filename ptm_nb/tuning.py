@@ -18,8 +18,10 @@ def sweep_config(scale: str, hparams: dict | None = None) -> dict:
     cfg = (hp.get('tuning') or {}).get(scale)
     if not cfg: raise ValueError(f'hparams.yaml has no tuning.{scale}: add dataset, ipc, seed and grid there')
     sizes = {m: len(grid_points(g)) for m, g in cfg['grid'].items()}
-    if len(set(sizes.values())) > 1:       # the same effort for every method, or the comparison is not fair
-        raise ValueError(f'tuning.{scale}.grid: methods get different numbers of points {sizes}: give each the same')
+    # the same effort for every method, or the comparison is not fair
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f'tuning.{scale}.grid: methods get different numbers of points {sizes}: '
+                         'give each the same')
     return cfg
 
 def grid_points(grid: dict) -> list[dict]:
@@ -30,23 +32,26 @@ def grid_points(grid: dict) -> list[dict]:
 def sweep_specs(scale: str, hparams: dict | None = None, device: str = 'auto') -> list[RunSpec]:
     "One run per method and grid point."
     cfg = sweep_config(scale, hparams)
-    return [RunSpec(m, cfg['dataset'], int(cfg['ipc']), scale, int(cfg.get('seed', 0)), device, overrides=point)
+    return [RunSpec(m, cfg['dataset'], int(cfg['ipc']), scale, int(cfg.get('seed', 0)), device,
+                    overrides=point)
             for m, grid in cfg['grid'].items() for point in grid_points(grid)]
 
 # %% ../nbs/08c_tuning.ipynb #2dd33df4
 VAL_FIELDS = ('val_acc_mean', 'val_acc_std', 'val_bal_acc_mean', 'val_auc_mean')
 
 def sweep_table(scale: str, root, hparams: dict | None = None):
-    "A DataFrame of the sweep's finished points: method, the point's values, its validation metrics and run id."
+    """A DataFrame of the sweep's finished points: method, the point's values, its validation metrics and
+    run id."""
     import pandas as pd
     from pathlib import Path
     hp, rows = hparams or load_hparams(), []
     for spec in sweep_specs(scale, hp):
         rid = run_id(spec.resolve(hp))
-        ev = RunFolder(Path(root) / 'runs' / rid).load_eval() if (Path(root) / 'runs' / rid / 'eval.json').exists() else None
+        ev = (RunFolder(Path(root) / 'runs' / rid).load_eval()
+              if (Path(root) / 'runs' / rid / 'eval.json').exists() else None)
         if ev is not None and 'val_acc_mean' not in ev:
-            raise ValueError(f'{rid}/eval.json has no validation numbers: it was evaluated before the validation split '
-                             'was recorded; delete its eval.json to evaluate it again')
+            raise ValueError(f'{rid}/eval.json has no validation numbers: it was evaluated before the '
+                             'validation split was recorded; delete its eval.json to evaluate it again')
         rows.append({'method': spec.method, **{f'{k}': v for k, v in spec.overrides.items()},
                      **{f: (ev or {}).get(f) for f in VAL_FIELDS}, 'run': rid, 'finished': ev is not None})
     return pd.DataFrame(rows)
@@ -58,14 +63,18 @@ def choose(table) -> dict[str, dict]:
     for method, part in table[table.finished].groupby('method', sort=False):
         best = part.loc[part.val_acc_mean.astype(float).idxmax()]
         knobs = [c for c in part.columns if c not in (*VAL_FIELDS, 'method', 'run', 'finished')]
-        plain = lambda v: v.item() if hasattr(v, 'item') else v                # numpy scalars as Python numbers
-        chosen[method] = {k: plain(best[k]) for k in knobs if best[k] == best[k]}   # (NaN: a knob of another method)
+        # numpy scalars as Python numbers
+        plain = lambda v: v.item() if hasattr(v, 'item') else v
+        # (NaN: a knob of another method)
+        chosen[method] = {k: plain(best[k]) for k in knobs if best[k] == best[k]}
     return chosen
 
 def check_preset(chosen: dict, scale: str, hparams: dict | None = None) -> list[str]:
-    "The differences between the chosen values and what the scale's preset resolves to (empty: the preset agrees)."
+    """The differences between the chosen values and what the scale's preset resolves to (empty: the preset
+    agrees)."""
     hp, cfg, out = hparams or load_hparams(), sweep_config(scale, hparams), []
     for method, values in chosen.items():
         resolved = RunSpec(method, cfg['dataset'], int(cfg['ipc']), scale).resolve(hp)['hp']
-        out += [f'{method}.{k}: preset {resolved.get(k)!r}, chosen {v!r}' for k, v in values.items() if resolved.get(k) != v]
+        out += [f'{method}.{k}: preset {resolved.get(k)!r}, chosen {v!r}'
+                for k, v in values.items() if resolved.get(k) != v]
     return out

@@ -41,8 +41,8 @@ class UnrollConfig:
         def bad(name, why): raise ValueError(f'UnrollConfig.{name}={getattr(self, name)!r}: {why}')
         if isinstance(self.syn_steps, bool) or not isinstance(self.syn_steps, int) or self.syn_steps < 1:
             bad('syn_steps', 'must be an integer >= 1')
-        if self.batch_syn is not None and (isinstance(self.batch_syn, bool) or not isinstance(self.batch_syn, int)
-                                           or self.batch_syn < 1):
+        if self.batch_syn is not None and (isinstance(self.batch_syn, bool)
+                                           or not isinstance(self.batch_syn, int) or self.batch_syn < 1):
             bad('batch_syn', 'must be None (all images) or an integer >= 1')
         if self.backward not in BACKWARD_MODES: bad('backward', f'choose one of {BACKWARD_MODES}')
         if self.lr_param not in LR_PARAMETERISATIONS: bad('lr_param', f'choose one of {LR_PARAMETERISATIONS}')
@@ -53,19 +53,24 @@ class UnrollConfig:
 
 # %% ../nbs/05_unroll.ipynb #0f716bd1
 def _lr_from_raw(raw, parameterisation, lr_min):
-    lr = F.softplus(raw) if parameterisation == 'softplus' else raw.exp() if parameterisation == 'exp' else raw
-    return lr.detach().clamp_min(lr_min) + (lr - lr.detach())  # value max(lr, lr_min); gradient as if unfloored
+    lr = (F.softplus(raw) if parameterisation == 'softplus'
+          else raw.exp() if parameterisation == 'exp' else raw)
+    # value max(lr, lr_min); gradient as if unfloored
+    return lr.detach().clamp_min(lr_min) + (lr - lr.detach())
 
 
 class SynLR(nn.Module):
-    "The learnable student step size `syn_lr`, kept positive by its parameterisation; `syn_lr()` gives its value."
+    """The learnable student step size `syn_lr`, kept positive by its parameterisation; `syn_lr()` gives its
+    value."""
     def __init__(self, init_lr: float, parameterisation: str = 'softplus', lr_min: float = 1e-6,
                  device=None, dtype=torch.float32):
         super().__init__()
         if parameterisation not in LR_PARAMETERISATIONS:
-            raise ValueError(f'SynLR parameterisation={parameterisation!r}: choose one of {LR_PARAMETERISATIONS}')
+            raise ValueError(f'SynLR parameterisation={parameterisation!r}: '
+                             f'choose one of {LR_PARAMETERISATIONS}')
         if not (math.isfinite(init_lr) and init_lr > 0):
-            raise ValueError(f'SynLR init_lr={init_lr!r}: the initial step size must be a positive finite number')
+            raise ValueError(f'SynLR init_lr={init_lr!r}: the initial step size must be a positive finite '
+                             'number')
         if parameterisation == 'clamp' and init_lr < lr_min:
             raise ValueError(f'SynLR init_lr={init_lr!r} is below lr_min={lr_min!r}: lower lr_min')
         self.parameterisation, self.lr_min = parameterisation, lr_min
@@ -82,7 +87,8 @@ class SynLR(nn.Module):
     def item(self) -> float: return float(self().detach())
 
     def raw_lr_for(self, lr_lr: float) -> float:
-        "The SGD learning rate for `raw` that moves `syn_lr` as a step of size `lr_lr` on `syn_lr` itself would."
+        """The SGD learning rate for `raw` that moves `syn_lr` as a step of size `lr_lr` on `syn_lr` itself
+        would."""
         raw = self.raw.detach().double()
         if self.parameterisation == 'softplus': slope = torch.sigmoid(raw)
         elif self.parameterisation == 'exp': slope = raw.exp()
@@ -114,7 +120,8 @@ def plan_unroll(n_images: int, cfg: UnrollConfig, generator: torch.Generator, sp
     for _ in range(cfg.syn_steps):
         if not chunks:
             perm = torch.randperm(n_images, generator=generator, device=generator.device)
-            chunks = list(torch.split(perm, batch))[::-1]  # popped from the end: chunk order = permutation order
+            # popped from the end: chunk order = permutation order
+            chunks = list(torch.split(perm, batch))[::-1]
         idx = chunks.pop().to(device)
         indices.append(idx)
         if draws is not None: draws.append(dsa_draw(cfg.dsa, len(idx), spatial_dims, generator, device))
@@ -137,14 +144,16 @@ def step_batch(images, labels, plan, i):
 
 
 def student_grad(fnet, w, x, y, cfg, create_graph=False) -> torch.Tensor:
-    "The gradient of the student loss on the batch (x, y) with respect to the flat weights `w` (which require grad)."
+    """The gradient of the student loss on the batch (x, y) with respect to the flat weights `w` (which
+    require grad)."""
     loss = student_loss(fnet(w, x), y, cfg)
     return torch.autograd.grad(loss, w, create_graph=create_graph)[0]
 
 # %% ../nbs/05_unroll.ipynb #1953b405
 def _unroll_naive(fnet, theta_start, images, labels, syn_lr, cfg, plan):
     "MTT's unroll: the whole N-step graph is kept until the caller's backward pass."
-    keep_graph = torch.is_grad_enabled()  # under no_grad (evaluation) the student still needs its own gradients
+    # under no_grad (evaluation) the student still needs its own gradients
+    keep_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         w = theta_start if theta_start.requires_grad else theta_start.detach().requires_grad_()
         for i in range(len(plan)):
@@ -194,8 +203,9 @@ class _CheckpointedUnroll(torch.autograd.Function):
         images, labels, syn_lr, theta_start = ctx.saved_tensors
         fnet, cfg, plan = ctx.fnet, ctx.cfg, ctx.plan
         if cfg.backward == 'exact' and ctx.weights is None:
-            raise RuntimeError("the 'exact' unroll frees its stored weights in its backward pass, so it cannot be "
-                               'run backwards twice (retain_graph): unroll again for a second backward pass')
+            raise RuntimeError("the 'exact' unroll frees its stored weights in its backward pass, so it "
+                               'cannot be run backwards twice (retain_graph): unroll again for a second '
+                               'backward pass')
         need_x, need_y, need_lr, need_start = ctx.needs_input_grad[:4]
         lr, lr_value = syn_lr.detach(), float(syn_lr)
         g_images = torch.zeros_like(images) if need_x else None
@@ -229,9 +239,11 @@ def _check_inputs(theta_start, images, labels, syn_lr, cfg):
     if images.dim() not in (4, 5):
         raise ValueError(f'images have shape {tuple(images.shape)}: expected (n, C, H, W) or (n, C, D, H, W)')
     if images.device != theta_start.device:
-        raise ValueError(f'images are on {images.device} but theta_start on {theta_start.device}: move them together')
+        raise ValueError(f'images are on {images.device} but theta_start on {theta_start.device}: '
+                         'move them together')
     if not images.is_floating_point() or images.dtype != theta_start.dtype:
-        raise ValueError(f'images are {images.dtype} but theta_start is {theta_start.dtype}: use one float dtype')
+        raise ValueError(f'images are {images.dtype} but theta_start is {theta_start.dtype}: '
+                         'use one float dtype')
     if len(labels) != len(images):
         raise ValueError(f'{len(labels)} labels for {len(images)} images: give one label per image')
     if labels.device != images.device:
@@ -251,7 +263,8 @@ def _check_inputs(theta_start, images, labels, syn_lr, cfg):
 
 def _check_plan(plan, cfg):
     if len(plan) != cfg.syn_steps:
-        raise ValueError(f'the plan has {len(plan)} steps but cfg.syn_steps={cfg.syn_steps}: draw it with this cfg')
+        raise ValueError(f'the plan has {len(plan)} steps but cfg.syn_steps={cfg.syn_steps}: '
+                         'draw it with this cfg')
     if (plan.draws is None) != (cfg.dsa is None):
         raise ValueError('the plan and cfg.dsa disagree on augmentation: draw the plan with this cfg')
 
@@ -259,8 +272,8 @@ def _check_plan(plan, cfg):
 def unroll_student(fnet, theta_start: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, syn_lr,
                    cfg: UnrollConfig, generator: torch.Generator | None = None,
                    plan: UnrollPlan | None = None) -> torch.Tensor:
-    """theta_N after `cfg.syn_steps` SGD steps of the student `fnet(flat, x)` from `theta_start` on the synthetic
-    set, differentiable in `images`, `labels` (if they require grad) and `syn_lr` by `cfg.backward`.
+    """theta_N after `cfg.syn_steps` SGD steps of the student `fnet(flat, x)` from `theta_start` on the
+    synthetic set, differentiable in `images`, `labels` (if they require grad) and `syn_lr` by `cfg.backward`.
     The random choices come from `plan`, or are drawn from `generator` (`plan_unroll`)."""
     if not torch.is_tensor(syn_lr):
         syn_lr = torch.tensor(float(syn_lr), dtype=theta_start.dtype, device=theta_start.device)
@@ -303,8 +316,8 @@ def matching_loss(theta_N: torch.Tensor, theta_start: torch.Tensor, theta_target
         num, den = torch.where(keep, num, 0), torch.where(keep, den, 0)
     den = den.sum()
     if float(den.detach()) == 0.0:
-        raise ValueError('matching_loss: theta_start equals theta_target on every kept element, so the loss is '
-                         'undefined; choose a target epoch after the start epoch')
+        raise ValueError('matching_loss: theta_start equals theta_target on every kept element, so the loss '
+                         'is undefined; choose a target epoch after the start epoch')
     return num.sum() / den
 
 # %% ../nbs/05_unroll.ipynb #2d5e9e1d

@@ -26,9 +26,11 @@ class CAFEConfig:
     iterations: int = 2000               # random networks drawn (the original's `Iteration`)
     lr_img: float = 0.1
     img_momentum: float = 0.5
-    lr_milestones: tuple = (0.6, 0.8, 0.9)   # fractions of the iterations where lr_img is multiplied by lr_decay
+    # fractions of the iterations where lr_img is multiplied by lr_decay
+    lr_milestones: tuple = (0.6, 0.8, 0.9)
     lr_decay: float = 0.5
-    lr_net: float = 0.01                 # SGD (no momentum) of the network in the inner loop; also the eval lr
+    # SGD (no momentum) of the network in the inner loop; also the eval lr
+    lr_net: float = 0.01
     batch_real: int = 256                # real images per class for the losses
     batch_train: int = 256               # synthetic minibatch of an inner epoch
     batch_watch: int = 128               # real images per class for each accuracy reading
@@ -42,14 +44,16 @@ class CAFEConfig:
     max_outer: int = 100                 # cap: image updates per network (not in the original)
     max_inner: int = 100                 # cap: epochs per inner loop (not in the original)
     init: str = 'real'                   # 'real' | 'noise' (the original's command-line default was noise)
-    dsa: str = 'color_crop_cutout_flip_scale_rotate'   # 'none': no augmentation (the original's CAFE, not CAFE+DSA)
+    # 'none': no augmentation (the original's CAFE, not CAFE+DSA)
+    dsa: str = 'color_crop_cutout_flip_scale_rotate'
     checkpoint_every: int = 1
 
     def __post_init__(self):
         def bad(name, why): raise ValueError(f'CAFEConfig.{name}={getattr(self, name)!r}: {why}')
-        for name in ('iterations', 'batch_real', 'batch_train', 'batch_watch', 'window', 'max_outer', 'max_inner',
-                     'checkpoint_every'):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name == 'iterations' else 1):
+        for name in ('iterations', 'batch_real', 'batch_train', 'batch_watch', 'window', 'max_outer',
+                     'max_inner', 'checkpoint_every'):
+            if (not isinstance(getattr(self, name), int)
+                    or getattr(self, name) < (0 if name == 'iterations' else 1)):
                 bad(name, 'must be an integer >= 1' if name != 'iterations' else 'must be an integer >= 0')
         if not self.lr_img > 0: bad('lr_img', 'must be positive')
         if not self.lr_net > 0: bad('lr_net', 'must be positive')
@@ -61,7 +65,8 @@ class CAFEConfig:
 
     @classmethod
     def from_hp(cls, hp: dict) -> 'CAFEConfig':
-        "The config from a method row `hp` (the run's `net`/`net_options` are not CAFE knobs and are skipped)."
+        """The config from a method row `hp` (the run's `net`/`net_options` are not CAFE knobs and are
+        skipped)."""
         known = {f.name for f in dataclasses.fields(cls)}
         knobs = {k: v for k, v in hp.items() if k not in ('net', 'net_options')}
         unknown = sorted(set(knobs) - known)
@@ -71,7 +76,8 @@ class CAFEConfig:
 
     def lr_at(self, iteration: int) -> float:
         "lr_img at `iteration`: multiplied by lr_decay at every milestone passed."
-        return self.lr_img * self.lr_decay ** sum(iteration >= m * self.iterations for m in self.lr_milestones)
+        return self.lr_img * self.lr_decay ** sum(iteration >= m * self.iterations
+                                                  for m in self.lr_milestones)
 
 # %% ../../nbs/07d_cafe.ipynb #e09ce834
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.GELU, nn.Tanh, nn.ELU)
@@ -87,12 +93,13 @@ def feature_taps(net: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], t
     return taps, out.flatten(1)
 
 def layer_weights(n_taps: int, cfg: CAFEConfig) -> list[float]:
-    "One weight per tap: the depth rule (last two taps 1, the others `shallow_weight`) or `cfg.layer_weights`."
+    """One weight per tap: the depth rule (last two taps 1, the others `shallow_weight`) or
+    `cfg.layer_weights`."""
     if cfg.layer_weights != 'auto':
         w = [float(v) for v in cfg.layer_weights]
         if len(w) != n_taps:
-            raise ValueError(f'cafe: layer_weights has {len(w)} entries but the network has {n_taps} feature taps; '
-                             "give one weight per tap or use 'auto'")
+            raise ValueError(f'cafe: layer_weights has {len(w)} entries but the network has {n_taps} feature '
+                             "taps; give one weight per tap or use 'auto'")
         return w
     return [cfg.shallow_weight] * max(n_taps - 2, 0) + [1.0] * min(n_taps, 2)
 
@@ -106,20 +113,23 @@ def alignment_loss(real_taps, syn_taps, n_classes: int, weights) -> torch.Tensor
     return sum(w * (class_means(r, n_classes) - class_means(s, n_classes)).square().sum()
                for w, r, s in zip(weights, real_taps, syn_taps))
 
-def discrimination_loss(real_emb: torch.Tensor, real_y: torch.Tensor, syn_emb: torch.Tensor, n_classes: int) -> torch.Tensor:
+def discrimination_loss(real_emb: torch.Tensor, real_y: torch.Tensor, syn_emb: torch.Tensor,
+                        n_classes: int) -> torch.Tensor:
     "Σ over the real batch of the cross-entropy of ⟨e(x), synthetic class centre⟩ logits."
     return F.cross_entropy(real_emb @ class_means(syn_emb, n_classes).T, real_y, reduction='sum')
 
 def cafe_loss(net: nn.Module, real: torch.Tensor, syn: torch.Tensor, n_classes: int, cfg: CAFEConfig) -> dict:
-    "The CAFE objective of class-major `real` and `syn` batches on `net`: {'loss', 'align', 'embed', 'discrimination'}."
+    """The CAFE objective of class-major `real` and `syn` batches on `net`: {'loss', 'align', 'embed',
+    'discrimination'}."""
     real_y = torch.arange(n_classes, device=real.device).repeat_interleave(len(real) // n_classes)
-    with torch.no_grad(): real_taps, real_emb = feature_taps(net, real)       # no gradient flows to real images
+    # no gradient flows to real images
+    with torch.no_grad(): real_taps, real_emb = feature_taps(net, real)
     syn_taps, syn_emb = feature_taps(net, syn)
     align = alignment_loss(real_taps, syn_taps, n_classes, layer_weights(len(syn_taps), cfg))
     embed = (class_means(real_emb, n_classes) - class_means(syn_emb, n_classes)).square().sum()
     disc = discrimination_loss(real_emb, real_y, syn_emb, n_classes)
-    return {'loss': align + cfg.embed_weight * embed + cfg.inner_weight * disc, 'align': align, 'embed': embed,
-            'discrimination': disc}
+    return {'loss': align + cfg.embed_weight * embed + cfg.inner_weight * disc, 'align': align,
+            'embed': embed, 'discrimination': disc}
 
 # %% ../../nbs/07d_cafe.ipynb #b98cd96c
 def augmented_batches(batches: ClassBatches, images: torch.Tensor, n_classes: int, ipc: int, cfg: CAFEConfig,
@@ -147,7 +157,8 @@ def train_epoch(net: nn.Module, opt, images: torch.Tensor, labels: torch.Tensor,
     perm, total = torch.randperm(len(images), generator=generator).to(images.device), 0.0
     for idx in perm.split(cfg.batch_train):
         x = images[idx]
-        if cfg.dsa_config is not None: x = dsa_apply(x, dsa_draw(cfg.dsa_config, len(x), x.dim() - 2, generator, x.device))
+        if cfg.dsa_config is not None:
+            x = dsa_apply(x, dsa_draw(cfg.dsa_config, len(x), x.dim() - 2, generator, x.device))
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(x), labels[idx]); loss.backward(); opt.step()
         total += float(loss.detach()) * len(idx)
@@ -163,13 +174,41 @@ def frozen(net: nn.Module):
         for p, f in zip(net.parameters(), flags): p.requires_grad_(f)
 
 # %% ../../nbs/07d_cafe.ipynb #cab9bf6e
-def cafe_init(ds, ipc: int, cfg: CAFEConfig, generator: torch.Generator, device='cpu') -> tuple[torch.Tensor, torch.Tensor]:
+def cafe_init(ds, ipc: int, cfg: CAFEConfig, generator: torch.Generator,
+              device='cpu') -> tuple[torch.Tensor, torch.Tensor]:
     "The starting (images, labels): the first draws of the run's generator."
     images, labels = initial_images(ds.train_x, ds.train_y, ds.n_classes, ipc, cfg.init, generator)
     return images.to(device).float(), labels.to(device)
 
-def distill_cafe(ds, ipc: int, cfg: CAFEConfig, net: str = 'convnet', net_options: dict | None = None, seed: int = 0,
-                 device='cpu', run=None, progress: bool = True, on_iteration=None) -> SyntheticSet:
+def _bilevel(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batches: ClassBatches, opt_img,
+             guard, cfg: CAFEConfig, C: int, ipc: int, it: int, gen: torch.Generator, device):
+    """CAFE's dynamic bi-level loop on one network (iteration `it`): the outer loop updates the images until
+    `window` real accuracies span less than `lambda_1`; between its steps the inner loop trains the network
+    until they span more than `lambda_2`. Returns (the outer loop's real accuracies, the summed loss terms,
+    outer steps, inner epochs, the loops stopped by a cap {'outer', 'inner'})."""
+    opt_net = torch.optim.SGD(model.parameters(), lr=cfg.lr_net)
+    outer, sums, steps, epochs, capped = deque(maxlen=cfg.window), {}, 0, 0, {'outer': 0, 'inner': 0}
+    while True:                                            # outer: update the images on this network
+        real, syn = augmented_batches(batches, images, C, ipc, cfg, gen)
+        with frozen(model): terms = cafe_loss(model, real, syn, C, cfg)
+        terms['loss'].backward()
+        guard.step(terms['loss'], [opt_img], step=it, images=images)   # a NaN never reaches the images
+        for k, v in terms.items(): sums[k] = sums.get(k, 0.0) + float(v.detach())
+        steps += 1
+        outer.append(real_accuracy(model, batches, cfg.batch_watch, gen, device))
+        if len(outer) == cfg.window and max(outer) - min(outer) < cfg.lambda_1: break
+        if steps >= cfg.max_outer: capped['outer'] += 1; break
+        inner = deque(maxlen=cfg.window)
+        for e in range(cfg.max_inner):                     # inner: train the network until it has moved
+            train_epoch(model, opt_net, images.detach(), labels, cfg, gen); epochs += 1
+            inner.append(real_accuracy(model, batches, cfg.batch_watch, gen, device))
+            if len(inner) == cfg.window and max(inner) - min(inner) > cfg.lambda_2: break
+        else: capped['inner'] += 1
+    return outer, sums, steps, epochs, capped
+
+def distill_cafe(ds, ipc: int, cfg: CAFEConfig, net: str = 'convnet', net_options: dict | None = None,
+                 seed: int = 0, device='cpu', run=None, progress: bool = True,
+                 on_iteration=None) -> SyntheticSet:
     "CAFE on `ds` with `ipc` images per class; `run` (a RunFolder or None) gets the log and the checkpoints."
     from tqdm.auto import tqdm
     device, C = torch.device(device), ds.n_classes
@@ -183,47 +222,33 @@ def distill_cafe(ds, ipc: int, cfg: CAFEConfig, net: str = 'convnet', net_option
     state = Resumable(run, images=images, opt_img=opt_img, generator=gen)
     start = state.start()
     wall, guard.skipped = state.values.get('wall_s', 0.0), state.values.get('skipped', 0)
-    bar = tqdm(range(start, cfg.iterations), desc=f'cafe ipc={ipc}', disable=not progress, initial=start, total=cfg.iterations)
+    bar = tqdm(range(start, cfg.iterations), desc=f'cafe ipc={ipc}', disable=not progress, initial=start,
+               total=cfg.iterations)
     for it in bar:
         t0, lr = time.perf_counter(), cfg.lr_at(it)
         for group in opt_img.param_groups: group['lr'] = lr
         model = baseline_net(ds, hp_net, gen, device)
-        opt_net = torch.optim.SGD(model.parameters(), lr=cfg.lr_net)
-        outer, sums, steps, epochs, capped = deque(maxlen=cfg.window), {}, 0, 0, {'outer': 0, 'inner': 0}
-        while True:                                            # outer: update the images on this network
-            real, syn = augmented_batches(batches, images, C, ipc, cfg, gen)
-            with frozen(model): terms = cafe_loss(model, real, syn, C, cfg)
-            terms['loss'].backward()
-            guard.step(terms['loss'], [opt_img], step=it, images=images)   # a NaN never reaches the images
-            for k, v in terms.items(): sums[k] = sums.get(k, 0.0) + float(v.detach())
-            steps += 1
-            outer.append(real_accuracy(model, batches, cfg.batch_watch, gen, device))
-            if len(outer) == cfg.window and max(outer) - min(outer) < cfg.lambda_1: break
-            if steps >= cfg.max_outer: capped['outer'] += 1; break
-            inner = deque(maxlen=cfg.window)
-            for e in range(cfg.max_inner):                     # inner: train the network until it has moved
-                train_epoch(model, opt_net, images.detach(), labels, cfg, gen); epochs += 1
-                inner.append(real_accuracy(model, batches, cfg.batch_watch, gen, device))
-                if len(inner) == cfg.window and max(inner) - min(inner) > cfg.lambda_2: break
-            else: capped['inner'] += 1
+        outer, sums, steps, epochs, capped = _bilevel(model, images, labels, batches, opt_img, guard, cfg, C,
+                                                      ipc, it, gen, device)
         wall += time.perf_counter() - t0
         state.values.update(wall_s=wall, skipped=guard.skipped)
         record = {'iteration': it + 1, 'cafe_loss': sums['loss'] / steps, 'align_loss': sums['align'] / steps,
                   'embed_loss': sums['embed'] / steps, 'discrimination_loss': sums['discrimination'] / steps,
                   'outer_steps': steps, 'inner_epochs': epochs, 'outer_capped': capped['outer'],
-                  'inner_capped': capped['inner'], 'real_acc': outer[-1], 'lr_img': lr, 'skipped': guard.skipped,
-                  'wall_s': wall}
+                  'inner_capped': capped['inner'], 'real_acc': outer[-1], 'lr_img': lr,
+                  'skipped': guard.skipped, 'wall_s': wall}
         if run is not None: run.log(record)
         bar.set_postfix(loss=f"{record['cafe_loss']:.3g}", steps=steps, epochs=epochs)
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations: state.save(it + 1)
         if on_iteration is not None: on_iteration(it + 1, images)
     return SyntheticSet(images.detach().cpu().clone(), labels.cpu(), float(cfg.lr_net), C, ipc,
-                        {'method': 'cafe', 'iterations': cfg.iterations, 'skipped': guard.skipped, 'wall_s': wall,
-                         'seed': seed})
+                        {'method': 'cafe', 'iterations': cfg.iterations, 'skipped': guard.skipped,
+                         'wall_s': wall, 'seed': seed})
 
 @register_method('cafe', experts=None, learned_lr=False,
-                 description='CAFE: layer-wise feature alignment + discrimination, dynamic bi-level loop (Wang et al. 2022)')
+                 description='CAFE: layer-wise feature alignment + discrimination, dynamic bi-level loop '
+                             '(Wang et al. 2022)')
 def cafe(ds, ipc, hp, experts, seed, device, run, progress):
     "CAFE through the registry: `hp` is the resolved `methods.cafe` row plus the run's net."
-    return distill_cafe(ds, ipc, CAFEConfig.from_hp(hp), hp.get('net', 'convnet'), hp.get('net_options'), seed,
-                        device, run, progress)
+    return distill_cafe(ds, ipc, CAFEConfig.from_hp(hp), hp.get('net', 'convnet'), hp.get('net_options'),
+                        seed, device, run, progress)

@@ -21,14 +21,16 @@ class ClassBatches:
         self.x, self.y, self.n_classes, self.name = x, y, n_classes, name
         self.index = [(y == c).nonzero().flatten() for c in range(n_classes)]
         empty = [c for c, i in enumerate(self.index) if len(i) == 0]
-        if empty: raise ValueError(f'{name}: class(es) {empty} have no training image: a class-wise method cannot '
-                                   'match them; drop the class from the dataset or use another split')
+        if empty:
+            raise ValueError(f'{name}: class(es) {empty} have no training image: a class-wise method cannot '
+                             'match them; drop the class from the dataset or use another split')
         self.short: dict[int, int] = {}       # class -> largest n asked that exceeded its size (logged once)
 
     def sizes(self) -> list[int]: return [len(i) for i in self.index]
 
     def indices(self, c: int, n: int, generator: torch.Generator) -> torch.Tensor:
-        "n indices of class c: a random subset, or whole shuffled passes when the class has fewer than n images."
+        """n indices of class c: a random subset, or whole shuffled passes when the class has fewer than
+        n images."""
         idx = self.index[c]; m = len(idx)
         if n <= m: return idx[torch.randperm(m, generator=generator)[:n].to(idx.device)]
         if c not in self.short:
@@ -54,8 +56,9 @@ def embed(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # %% ../../nbs/07a_baselines.ipynb #fc8d15a8
 class Resumable:
-    """Named state of a loop (tensors, modules, optimisers, generators, plain values) saved through a run folder
-    and restored in place. `start()` is the iteration to begin at: 0, or where a stopped run left off."""
+    """Named state of a loop (tensors, modules, optimisers, generators, plain values) saved through a run
+    folder and restored in place. `start()` is the iteration to begin at: 0, or where a stopped run left
+    off."""
     def __init__(self, run, **objects):
         self.run, self.objects, self.values = run, objects, {}
 
@@ -68,7 +71,8 @@ class Resumable:
         return out
 
     def save(self, iteration: int):
-        if self.run is not None: self.run.save_checkpoint({'state': {'iteration': iteration}, 'loop': self.state(iteration)})
+        if self.run is not None:
+            self.run.save_checkpoint({'state': {'iteration': iteration}, 'loop': self.state(iteration)})
 
     def start(self) -> int:
         saved = self.run.load_checkpoint() if self.run is not None else None

@@ -8,29 +8,36 @@ import dataclasses
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
-from ..distill import TMHooks, TMConfig, SyntheticSet, distill_tm, register_method, initial_images, tm_parts, TM_HOOKS
+from ..distill import (TMHooks, TMConfig, SyntheticSet, distill_tm, register_method, initial_images, tm_parts,
+                       TM_HOOKS)
 
 # %% auto #0
 __all__ = ['DATM_PRESET', 'start_bounds', 'expert_logits', 'soft_labels_from_experts', 'correct_initial_images', 'starting_set',
            'DATMHooks', 'datm_config', 'datm']
 
 # %% ../../nbs/07f_datm.ipynb #ba70be90
-def start_bounds(iteration: int, cfg: TMConfig, min_start_epoch: int = 0, max_start_epoch_final: int | None = None):
-    "[lo, hi) of the start epoch at `iteration`: DATM's window, growing from `cfg.max_start_epoch` to the final one."
+def start_bounds(iteration: int, cfg: TMConfig, min_start_epoch: int = 0,
+                 max_start_epoch_final: int | None = None):
+    """[lo, hi) of the start epoch at `iteration`: DATM's window, growing from `cfg.max_start_epoch` to the
+    final one."""
     final = cfg.max_start_epoch if max_start_epoch_final is None else max_start_epoch_final
     grown = (final - cfg.max_start_epoch) * iteration // max(1, cfg.iterations - 1)
     return min_start_epoch, cfg.max_start_epoch + grown
 
 # %% ../../nbs/07f_datm.ipynb #379ca797
-def expert_logits(fnet, experts, n_experts: int, epoch: int, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def expert_logits(fnet, experts, n_experts: int, epoch: int, x: torch.Tensor,
+                  batch: int = 256) -> torch.Tensor:
     "(n_experts, len(x), C) logits of the first `n_experts` experts at `epoch` (-1: their last epoch) on `x`."
     epoch = experts.epochs if epoch < 0 else epoch
     with torch.no_grad():
-        return torch.stack([torch.cat([fnet(experts.snapshot(k, epoch, x.device), xb) for xb in x.split(batch)])
+        return torch.stack([torch.cat([fnet(experts.snapshot(k, epoch, x.device), xb)
+                                       for xb in x.split(batch)])
                             for k in range(n_experts)])
 
-def soft_labels_from_experts(logits: torch.Tensor, classes: torch.Tensor, smoothing: float = 0.1) -> torch.Tensor:
-    "(n, C) label logits: the mean logits (K, n, C) of the experts that classify each image correctly, else smoothed one-hot."
+def soft_labels_from_experts(logits: torch.Tensor, classes: torch.Tensor,
+                             smoothing: float = 0.1) -> torch.Tensor:
+    """(n, C) label logits: the mean logits (K, n, C) of the experts that classify each image correctly,
+    else smoothed one-hot."""
     correct = (logits.argmax(-1) == classes).unsqueeze(-1)                  # (K, n, 1)
     n_correct = correct.sum(0)
     mean = (logits * correct).sum(0) / n_correct.clamp_min(1)
@@ -39,13 +46,14 @@ def soft_labels_from_experts(logits: torch.Tensor, classes: torch.Tensor, smooth
 
 def correct_initial_images(train_x, train_y, n_classes: int, ipc: int, logits_of, generator: torch.Generator,
                            chunk: int = 256):
-    "Class-major (images, labels, shortfall {class: images found}): per class, ipc real images some expert gets right."
+    """Class-major (images, labels, shortfall {class: images found}): per class, ipc real images some expert
+    gets right."""
     picks, shortfall = [], {}
     for c in range(n_classes):
         idx = (train_y == c).nonzero().flatten().cpu()
         if len(idx) < ipc:
-            raise ValueError(f'class {c} has {len(idx)} training images, fewer than ipc={ipc}: lower ipc to at most '
-                             f'{len(idx)} or use init="noise"')
+            raise ValueError(f'class {c} has {len(idx)} training images, fewer than ipc={ipc}: lower ipc to '
+                             f'at most {len(idx)} or use init="noise"')
         order, chosen = idx[torch.randperm(len(idx), generator=generator)], []
         for part in order.split(chunk):
             right = (logits_of(train_x[part.to(train_x.device)]).argmax(-1) == c).any(0).cpu()
@@ -59,11 +67,12 @@ def correct_initial_images(train_x, train_y, n_classes: int, ipc: int, logits_of
     return train_x[torch.cat(picks).to(train_x.device)].clone(), labels, shortfall
 
 def starting_set(ds, init: str, soft_labels: bool, ipc: int, generator: torch.Generator, logits_of):
-    "(images, labels, notes) DATM starts from; labels are (n, C) logits when `soft_labels`, else class indices."
+    """(images, labels, notes) DATM starts from; labels are (n, C) logits when `soft_labels`, else class
+    indices."""
     notes = {}
     if init == 'correct':
-        images, labels, notes['init_shortfall'] = correct_initial_images(ds.train_x, ds.train_y, ds.n_classes, ipc,
-                                                                          logits_of, generator)
+        images, labels, notes['init_shortfall'] = correct_initial_images(ds.train_x, ds.train_y, ds.n_classes,
+                                                                          ipc, logits_of, generator)
     else: images, labels = initial_images(ds.train_x, ds.train_y, ds.n_classes, ipc, init, generator)
     if soft_labels:
         logits = logits_of(images)
@@ -78,14 +87,17 @@ class DATMHooks(TMHooks):
     min_start_epoch: int = 0                # growing: start ∈ [min_start_epoch, upper) ...
     max_start_epoch_final: int | None = None  # ... upper grows from max_start_epoch to this (None: no growth)
     soft_labels: bool = False               # learn (n, C) label logits, started from the experts' logits
-    label_epoch: int = -1                   # the expert epoch whose logits judge 'correct' and start the labels
+    # the expert epoch whose logits judge 'correct' and start the labels
+    label_epoch: int = -1
     lr_label: float = 2.0                   # the labels' SGD lr (DATM's lr_y) ...
     label_momentum: float = 0.9             # ... and momentum (DATM's Momentum_y)
-    max_match_loss: float | None = None     # skip the update when the matching loss exceeds this (None: never)
+    # skip the update when the matching loss exceeds this (None: never)
+    max_match_loss: float | None = None
 
     def __post_init__(self):
         if not self.lr_label > 0: raise ValueError(f'datm: lr_label={self.lr_label}: must be > 0')
-        if not 0 <= self.label_momentum < 1: raise ValueError(f'datm: label_momentum={self.label_momentum}: in [0, 1)')
+        if not 0 <= self.label_momentum < 1:
+            raise ValueError(f'datm: label_momentum={self.label_momentum}: in [0, 1)')
         if self.max_match_loss is not None and not self.max_match_loss > 0:
             raise ValueError(f'datm: max_match_loss={self.max_match_loss}: must be > 0 or None')
 
@@ -95,8 +107,8 @@ class DATMHooks(TMHooks):
     def epochs_needed(self, cfg):
         if cfg.schedule == 'growing':
             if not 0 <= self.min_start_epoch < cfg.max_start_epoch:
-                raise ValueError(f'datm: min_start_epoch={self.min_start_epoch}: must be in [0, max_start_epoch='
-                                 f'{cfg.max_start_epoch})')
+                raise ValueError(f'datm: min_start_epoch={self.min_start_epoch}: must be in '
+                                 f'[0, max_start_epoch={cfg.max_start_epoch})')
             if self.max_start_epoch_final is not None and self.max_start_epoch_final < cfg.max_start_epoch:
                 raise ValueError(f'datm: max_start_epoch_final={self.max_start_epoch_final}: must be >= '
                                  f'max_start_epoch={cfg.max_start_epoch} (or None)')
@@ -122,7 +134,8 @@ class DATMHooks(TMHooks):
         r.optimisers['label'] = torch.optim.SGD([r.labels], lr=self.lr_label, momentum=self.label_momentum)
         r.learned['labels'] = r.labels
 
-    def skip(self, r, l_match): return self.max_match_loss is not None and float(l_match.detach()) > self.max_match_loss
+    def skip(self, r, l_match):
+        return self.max_match_loss is not None and float(l_match.detach()) > self.max_match_loss
     def resumable(self): return {'labels': self.labels} if self.soft_labels else {}
     def result(self, r, images, labels): return images, (labels.softmax(-1) if self.soft_labels else labels)
 
@@ -131,11 +144,13 @@ DATM_PRESET = {'schedule': 'growing', 'init': 'correct', 'soft_labels': True}
 TM_HOOKS['datm'] = (DATMHooks,)
 
 def datm_config(hp: dict) -> tuple:
-    "(TMConfig, hooks, net, net_options) of a DATM run from its resolved `hp` (DATM's ingredients by default)."
+    """(TMConfig, hooks, net, net_options) of a DATM run from its resolved `hp` (DATM's ingredients by
+    default)."""
     return tm_parts('datm', {**DATM_PRESET, **hp})
 
 @register_method('datm', experts='plain', learned_lr=True,
-                 description='DATM: growing start window, learned soft labels, correct init, loss gate (Guo et al. 2024)')
+                 description='DATM: growing start window, learned soft labels, correct init, loss gate '
+                             '(Guo et al. 2024)')
 def datm(ds, ipc, hp, experts, seed, device, run, progress) -> SyntheticSet:
     "DATM on `ds`: `distill_tm` with DATM's hooks under `hp`; the set's labels are (n, C) probabilities."
     cfg, hooks, net, net_options = datm_config(hp)

@@ -99,7 +99,9 @@ def distill_dm(ds, ipc: int, cfg: DMConfig, seed: int = 0, device='cpu', run=Non
                          'wall_s': wall, 'seed': seed, 'short_classes': dict(batches.short)})
 
 # %% ../../nbs/07c_dm.ipynb #71e493ac
-@register_method('dm', description='DM: class-mean embedding matching under fresh random nets (Zhao & Bilen 2023)')
+@register_method('dm',
+                 description='DM: class-mean embedding matching under fresh random nets (Zhao & Bilen 2023)')
 def _dm(ds, ipc, hp, experts, seed, device, run, progress):
     hp = dict(hp); net, net_options = hp.pop('net', 'convnet'), hp.pop('net_options', None)
-    return distill_dm(ds, ipc, config_from_hp(DMConfig, hp, 'dm'), seed, device, run, net, net_options, progress)
+    return distill_dm(ds, ipc, config_from_hp(DMConfig, hp, 'dm'), seed, device, run, net, net_options,
+                      progress)

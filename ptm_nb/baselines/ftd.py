@@ -18,12 +18,15 @@ class EMAHooks(TMHooks):
     ema_decay: float = 0.0              # d (0: no EMA, the images themselves)
 
     def __post_init__(self):
-        if not 0 <= self.ema_decay < 1: raise ValueError(f'ftd: ema_decay={self.ema_decay}: must be in [0, 1)')
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f'ftd: ema_decay={self.ema_decay}: must be in [0, 1)')
 
     def setup(self, r): self.ema = r.images.detach().clone() if self.ema_decay else None
     def after_update(self, r, it):
-        if self.ema is not None: self.ema.mul_(self.ema_decay).add_(r.images.detach(), alpha=1 - self.ema_decay)
+        if self.ema is not None:
+            self.ema.mul_(self.ema_decay).add_(r.images.detach(), alpha=1 - self.ema_decay)
     def resumable(self): return {'ema': self.ema} if self.ema is not None else {}
     def result(self, r, images, labels): return (images if self.ema is None else self.ema), labels
 
-register_tm('ftd', 'flat', 'FTD: MTT on flat (GSAM) experts with an EMA of the images (Du et al. 2023)', hooks=(EMAHooks,))
+register_tm('ftd', 'flat', 'FTD: MTT on flat (GSAM) experts with an EMA of the images (Du et al. 2023)',
+            hooks=(EMAHooks,))

@@ -36,10 +36,12 @@ class GMConfig:
     batch_real: int = 256               # real images per class per outer step
     batch_train: int = 256              # inner-loop minibatch of synthetic images
     init: str = 'noise'                 # 'noise' (DC's default) | 'real'
-    distance: str = 'layerwise_cos'     # D: 'layerwise_cos' (DC's) | 'mse' | 'cos' (one cosine over all parameters)
+    # D: 'layerwise_cos' (DC's) | 'mse' | 'cos' (one cosine over all parameters)
+    distance: str = 'layerwise_cos'
     dsa: str = 'none'                   # DSA strategy ('none': DC)
-    siamese: str = 'batch'              # (reading) 'batch': one parameter set for every image of both batches, as the
-                                        # original's seeded augmentation; 'sample': image i of each batch shares draw i
+    # (reading) 'batch': one parameter set for every image of both batches, as the original's seeded
+    # augmentation; 'sample': image i of each batch shares draw i
+    siamese: str = 'batch'
     bn_real_per_class: int = 16         # nets with batch norm: real images per class that set its statistics
     log_every: int = 1
     checkpoint_every: int = 10
@@ -56,18 +58,21 @@ class GMConfig:
         for k, v in self.loops.items():
             if int(k) < 1 or len(v) != 2 or int(v[0]) < 1 or int(v[1]) < 0:
                 bad('loops', f'row {k}: {v} must be ipc >= 1: [outer >= 1, inner >= 0]')
-        DSAConfig(strategy=self.dsa)                                   # an unknown strategy fails here, by name
+        # an unknown strategy fails here, by name
+        DSAConfig(strategy=self.dsa)
 
 # %% ../../nbs/07b_gm.ipynb #e29325c8
 def loops_for(ipc: int, table: dict) -> tuple[int, int]:
-    "(outer, inner) for `ipc`: the row of the nearest listed ipc at or below it (below the smallest row: that row)."
+    """(outer, inner) for `ipc`: the row of the nearest listed ipc at or below it (below the smallest row:
+    that row)."""
     rows = sorted((int(k), (int(v[0]), int(v[1]))) for k, v in table.items())
     below = [loops for k, loops in rows if k <= ipc]
     return below[-1] if below else rows[0][1]
 
 # %% ../../nbs/07b_gm.ipynb #b7e9da27
 def gradient_distance(g_syn, g_real, kind: str = 'layerwise_cos', eps: float = 1e-6) -> torch.Tensor:
-    "Distance between two lists of parameter gradients (DC's: Σ layers Σ rows (1 − cos); 1-D gradients ignored)."
+    """Distance between two lists of parameter gradients (DC's: Σ layers Σ rows (1 − cos); 1-D gradients
+    ignored)."""
     if kind == 'layerwise_cos':
         total = g_syn[0].new_zeros(())
         for s, r in zip(g_syn, g_real):
@@ -102,7 +107,8 @@ def gm_objective(net: nn.Module, images: torch.Tensor, ipc: int, real_batches, d
     total = images.new_zeros(())
     for c, real in enumerate(real_batches):
         syn = images[c * ipc:(c + 1) * ipc]
-        if draws is not None and draws[c] is not None: real, syn = dsa_apply(real, draws[c]), dsa_apply(syn, draws[c])
+        if draws is not None and draws[c] is not None:
+            real, syn = dsa_apply(real, draws[c]), dsa_apply(syn, draws[c])
         g_real = [g.detach() for g in class_gradient(net, real, c)]
         total = total + gradient_distance(class_gradient(net, syn, c, create_graph=True), g_real, distance)
     return total
@@ -121,7 +127,8 @@ def freeze_batchnorm(net: nn.Module, real: torch.Tensor):
 
 # %% ../../nbs/07b_gm.ipynb #18140835
 def train_on_synset(net: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-                    epochs: int, batch: int, dsa_cfg: DSAConfig, generator: torch.Generator, guard=None) -> float:
+                    epochs: int, batch: int, dsa_cfg: DSAConfig, generator: torch.Generator,
+                    guard=None) -> float:
     "`epochs` epochs of minibatch SGD of `net` on (images, labels); returns the last minibatch's loss."
     net.train(); images = images.detach(); loss = float('nan')
     for _ in range(epochs):
@@ -136,9 +143,21 @@ def train_on_synset(net: nn.Module, opt: torch.optim.Optimizer, images: torch.Te
     return loss
 
 # %% ../../nbs/07b_gm.ipynb #508f4326
+def _outer_loss(model: nn.Module, images: torch.Tensor, ipc: int, C: int, real, aug: DSAConfig, nd: int,
+                gen: torch.Generator, device, cfg: GMConfig) -> torch.Tensor:
+    """One outer step's matching loss on `model`: fresh real batches of every class, each class's pair through
+    one siamese draw (nets with batch norm first fix its statistics on real images)."""
+    if has_batchnorm(model):
+        freeze_batchnorm(model, torch.cat([real(c, cfg.bn_real_per_class) for c in range(C)]))
+    else: model.train()
+    reals = [real(c, cfg.batch_real) for c in range(C)]
+    draws = [siamese_draw(aug, max(cfg.batch_real, ipc), nd, gen, device, cfg.siamese) for _ in range(C)]
+    return gm_objective(model, images, ipc, reals, draws, cfg.distance)
+
 def distill_gm(ds, ipc: int, cfg: GMConfig, seed: int = 0, device='cpu', run=None, net: str = 'convnet',
                net_options: dict | None = None, progress: bool = True, on_iteration=None) -> SyntheticSet:
-    "Gradient matching (DC; DSA when `cfg.dsa` is a strategy) on `ds`; returns the class-major `SyntheticSet`."
+    """Gradient matching (DC; DSA when `cfg.dsa` is a strategy) on `ds`; returns the class-major
+    `SyntheticSet`."""
     from tqdm.auto import tqdm
     device, C = torch.device(device), ds.n_classes
     outer, inner = loops_for(ipc, cfg.loops)
@@ -162,11 +181,7 @@ def distill_gm(ds, ipc: int, cfg: GMConfig, seed: int = 0, device='cpu', run=Non
         opt_net = torch.optim.SGD(model.parameters(), lr=cfg.lr_net)
         distances = []
         for step in range(outer):
-            if has_batchnorm(model): freeze_batchnorm(model, torch.cat([real(c, cfg.bn_real_per_class) for c in range(C)]))
-            else: model.train()
-            reals = [real(c, cfg.batch_real) for c in range(C)]
-            draws = [siamese_draw(aug, max(cfg.batch_real, ipc), nd, gen, device, cfg.siamese) for _ in range(C)]
-            loss = gm_objective(model, images, ipc, reals, draws, cfg.distance)
+            loss = _outer_loss(model, images, ipc, C, real, aug, nd, gen, device, cfg)
             loss.backward()
             if not guard.step(loss, [opt_img], step=(it, step), images=images): skipped += 1
             distances.append(float(loss.detach()) / C)
@@ -198,7 +213,9 @@ def config_from_hp(cls, hp: dict, method: str):
 # %% ../../nbs/07b_gm.ipynb #e4413aa6
 def _gm(ds, ipc, hp, experts, seed, device, run, progress):
     hp = dict(hp); net, net_options = hp.pop('net', 'convnet'), hp.pop('net_options', None)
-    return distill_gm(ds, ipc, config_from_hp(GMConfig, hp, 'dc/dsa'), seed, device, run, net, net_options, progress)
+    return distill_gm(ds, ipc, config_from_hp(GMConfig, hp, 'dc/dsa'), seed, device, run, net, net_options,
+                      progress)
 
 register_method('dc', description='DC: per-class gradient matching on fresh nets (Zhao et al. 2021)')(_gm)
-register_method('dsa', description='DSA: DC with siamese differentiable augmentation (Zhao & Bilen 2021)')(_gm)
+register_method('dsa',
+                description='DSA: DC with siamese differentiable augmentation (Zhao & Bilen 2021)')(_gm)

@@ -22,7 +22,8 @@ __all__ = ['TM_DEFAULTS', 'REFUSED_TM', 'affine_shape', 'Hallucinator', 'halluci
 
 # %% ../../nbs/07e_haba.ipynb #d0161817
 def affine_shape(spatial, kernel: int, stride: int) -> tuple[int, ...]:
-    "The grid of the stored scale/shift: one point per `stride` positions of the convolution's output, per axis."
+    """The grid of the stored scale/shift: one point per `stride` positions of the convolution's output, per
+    axis."""
     return tuple(-(-(n - kernel + 1) // stride) for n in spatial)
 
 class Hallucinator(nn.Module):
@@ -30,10 +31,13 @@ class Hallucinator(nn.Module):
     def __init__(self, channels: int, width: int, spatial, kernel: int = 3, stride: int = 1):
         super().__init__()
         spatial = tuple(spatial)
-        if len(spatial) not in (2, 3): raise ValueError(f'Hallucinator: spatial shape {spatial} must have 2 or 3 axes')
+        if len(spatial) not in (2, 3):
+            raise ValueError(f'Hallucinator: spatial shape {spatial} must have 2 or 3 axes')
         if min(spatial) < kernel:
-            raise ValueError(f'Hallucinator: image side {min(spatial)} is smaller than the kernel {kernel}: use kernel <= {min(spatial)}')
-        conv, convT = (nn.Conv2d, nn.ConvTranspose2d) if len(spatial) == 2 else (nn.Conv3d, nn.ConvTranspose3d)
+            raise ValueError(f'Hallucinator: image side {min(spatial)} is smaller than the kernel {kernel}: '
+                             f'use kernel <= {min(spatial)}')
+        conv, convT = ((nn.Conv2d, nn.ConvTranspose2d) if len(spatial) == 2
+                       else (nn.Conv3d, nn.ConvTranspose3d))
         self.stride, self.inner = stride, tuple(n - kernel + 1 for n in spatial)
         self.enc = conv(channels, width, kernel)
         self.scale = nn.Parameter(torch.ones(1, width, *affine_shape(spatial, kernel, stride)))
@@ -49,9 +53,11 @@ class Hallucinator(nn.Module):
     def forward(self, x): return self.dec(self.expand(self.scale) * self.enc(x) + self.expand(self.shift))
 
 def hallucinator_floats(channels: int, width: int, spatial, kernel: int = 3, stride: int = 1) -> int:
-    "Parameters of one `Hallucinator`: conv weights+biases, per-position scale+shift, transposed conv weights+biases."
+    """Parameters of one `Hallucinator`: conv weights+biases, per-position scale+shift, transposed conv
+    weights+biases."""
     k = kernel ** len(spatial)
-    return (channels * width * k + width) + 2 * width * math.prod(affine_shape(spatial, kernel, stride)) + (width * channels * k + channels)
+    return ((channels * width * k + width) + 2 * width * math.prod(affine_shape(spatial, kernel, stride))
+            + (width * channels * k + channels))
 
 @torch.no_grad()
 def init_hallucinator(h: Hallucinator, generator: torch.Generator) -> Hallucinator:
@@ -84,7 +90,8 @@ class HaBaBudget:
     def base_floats(self) -> int: return self.n_classes * self.bases_per_class * self.numel
     @property
     def per_hallucinator(self) -> int:
-        return hallucinator_floats(self.image_shape[0], self.width, self.image_shape[1:], self.kernel, self.stride)
+        return hallucinator_floats(self.image_shape[0], self.width, self.image_shape[1:], self.kernel,
+                                   self.stride)
     @property
     def hallucinator_floats(self) -> int: return self.n_hallucinators * self.per_hallucinator
     @property
@@ -94,24 +101,28 @@ class HaBaBudget:
 
     def note(self) -> str:
         S = affine_shape(self.image_shape[1:], self.kernel, self.stride)
-        return (f'stored floats = bases {self.n_classes}x{self.bases_per_class}x{self.numel} = {self.base_floats} + '
-                f'{self.n_hallucinators} hallucinators x {self.per_hallucinator} (conv {self.image_shape[0]}->{self.width} '
-                f'k{self.kernel}, scale+shift 2x{self.width}x{"x".join(map(str, S))} (one per {self.stride}-block), transposed '
-                f'conv back; weights and biases counted) = {self.hallucinator_floats}; total {self.stored} <= budget '
-                f'n_classes*ipc*numel = {self.n_classes}*{self.ipc}*{self.numel} = {self.budget}')
+        return (f'stored floats = bases {self.n_classes}x{self.bases_per_class}x{self.numel} = '
+                f'{self.base_floats} + {self.n_hallucinators} hallucinators x {self.per_hallucinator} '
+                f'(conv {self.image_shape[0]}->{self.width} k{self.kernel}, scale+shift '
+                f'2x{self.width}x{"x".join(map(str, S))} (one per {self.stride}-block), transposed conv '
+                f'back; weights and biases counted) = {self.hallucinator_floats}; total {self.stored} '
+                f'<= budget n_classes*ipc*numel = {self.n_classes}*{self.ipc}*{self.numel} = {self.budget}')
 
     def as_dict(self) -> dict:
         return {'budget_floats': self.budget, 'stored_floats': self.stored, 'base_floats': self.base_floats,
                 'hallucinator_floats': self.hallucinator_floats, 'bases_per_class': self.bases_per_class,
-                'views_per_class': self.views_per_class, 'halluc_width': self.width, 'halluc_stride': self.stride,
-                'halluc_kernel': self.kernel, 'n_hallucinators': self.n_hallucinators, 'budget_note': self.note()}
+                'views_per_class': self.views_per_class, 'halluc_width': self.width,
+                'halluc_stride': self.stride, 'halluc_kernel': self.kernel,
+                'n_hallucinators': self.n_hallucinators, 'budget_note': self.note()}
 
 def plan_budget(n_classes: int, ipc: int, image_shape, n_hallucinators: int = 5, kernel: int = 3,
                 halluc_share: float = 0.5) -> HaBaBudget:
-    "The largest hallucinators within `halluc_share` of the budget that leave one base per class; bases fill the rest."
+    """The largest hallucinators within `halluc_share` of the budget that leave one base per class; bases fill
+    the rest."""
     image_shape = tuple(int(v) for v in image_shape)
     channels, spatial, numel = image_shape[0], image_shape[1:], math.prod(image_shape)
-    if n_hallucinators < 2: raise ValueError(f'haba: n_hallucinators={n_hallucinators}: the adversarial term needs at least 2')
+    if n_hallucinators < 2:
+        raise ValueError(f'haba: n_hallucinators={n_hallucinators}: the adversarial term needs at least 2')
     if not 0 < halluc_share < 1: raise ValueError(f'haba: halluc_share={halluc_share}: must be in (0, 1)')
     budget = n_classes * ipc * numel
     candidates = sorted({(n_hallucinators * hallucinator_floats(channels, m, spatial, kernel, s), m, s)
@@ -119,24 +130,28 @@ def plan_budget(n_classes: int, ipc: int, image_shape, n_hallucinators: int = 5,
                         key=lambda c: (-c[0], c[2], -c[1]))
     for floats, width, stride in candidates:
         if floats <= halluc_share * budget and budget - floats >= n_classes * numel:
-            return HaBaBudget(n_classes, ipc, image_shape, (budget - floats) // (n_classes * numel), width, stride, kernel,
-                              n_hallucinators)
+            return HaBaBudget(n_classes, ipc, image_shape, (budget - floats) // (n_classes * numel), width,
+                              stride, kernel, n_hallucinators)
     smallest, width, stride = candidates[-1]
-    ipc_min = math.ceil(max(smallest / (halluc_share * n_classes * numel), 1 + smallest / (n_classes * numel)))
+    ipc_min = math.ceil(max(smallest / (halluc_share * n_classes * numel),
+                            1 + smallest / (n_classes * numel)))
     raise ValueError(f'haba: ipc={ipc} for {n_classes} classes of shape {image_shape} allows {budget} floats '
-                     f'(n_classes*ipc*{numel}); even the smallest configuration, one base per class ({n_classes * numel} '
-                     f'floats) and {n_hallucinators} hallucinators of width {width} at stride {stride} ({smallest} floats, '
-                     f'at most halluc_share={halluc_share} of the budget), does not fit: use ipc >= {ipc_min}, or fewer '
-                     f'hallucinators (n_hallucinators) or a larger halluc_share')
+                     f'(n_classes*ipc*{numel}); even the smallest configuration, one base per class '
+                     f'({n_classes * numel} floats) and {n_hallucinators} hallucinators of width {width} at '
+                     f'stride {stride} ({smallest} floats, at most halluc_share={halluc_share} of the '
+                     f'budget), does not fit: use ipc >= {ipc_min}, or fewer hallucinators (n_hallucinators) '
+                     f'or a larger halluc_share')
 
 # %% ../../nbs/07e_haba.ipynb #e040a1be
 def decode(bases: torch.Tensor, hallucinators) -> torch.Tensor:
     "All views h_j(b_i): shape (n_bases·H, *image_shape), the H views of base i at rows i·H … i·H + H − 1."
     return torch.stack([h(bases) for h in hallucinators], 1).flatten(0, 1)
 
-def make_hallucinators(plan: HaBaBudget, generator: torch.Generator | None = None, device='cpu') -> nn.ModuleList:
+def make_hallucinators(plan: HaBaBudget, generator: torch.Generator | None = None,
+                       device='cpu') -> nn.ModuleList:
     "The plan's hallucinators (initialised from `generator` when given)."
-    hs = nn.ModuleList([Hallucinator(plan.image_shape[0], plan.width, plan.image_shape[1:], plan.kernel, plan.stride)
+    hs = nn.ModuleList([Hallucinator(plan.image_shape[0], plan.width, plan.image_shape[1:], plan.kernel,
+                                     plan.stride)
                         for _ in range(plan.n_hallucinators)])
     if generator is not None:
         for h in hs: init_hallucinator(h, generator)
@@ -145,19 +160,21 @@ def make_hallucinators(plan: HaBaBudget, generator: torch.Generator | None = Non
 def decode_factors(synset: SyntheticSet) -> torch.Tensor:
     "The views a HaBa set's factors decode to (what its `images` are)."
     p = synset.provenance['haba']
-    plan = HaBaBudget(synset.n_classes, synset.ipc, tuple(p['image_shape']), p['bases_per_class'], p['halluc_width'],
-                      p['halluc_stride'], p['halluc_kernel'], p['n_hallucinators'])
+    plan = HaBaBudget(synset.n_classes, synset.ipc, tuple(p['image_shape']), p['bases_per_class'],
+                      p['halluc_width'], p['halluc_stride'], p['halluc_kernel'], p['n_hallucinators'])
     hs = make_hallucinators(plan); hs.load_state_dict(synset.factors['hallucinators'])
     with torch.no_grad(): return decode(synset.factors['bases'], hs)
 
 # %% ../../nbs/07e_haba.ipynb #3f81995e
 def view_pair(bases, hallucinators, labels, batch: int | None, dsa_config, generator: torch.Generator):
-    "(x, y): two views (hallucinators j ≠ k) of a random batch of bases, stacked as (2n, ...), and their labels."
+    """(x, y): two views (hallucinators j ≠ k) of a random batch of bases, stacked as (2n, ...), and their
+    labels."""
     n = len(bases) if batch is None else min(batch, len(bases))
     idx = torch.randperm(len(bases), generator=generator)[:n].to(bases.device)
     j, k = torch.randperm(len(hallucinators), generator=generator)[:2].tolist()
     x = torch.cat([hallucinators[j](bases[idx]), hallucinators[k](bases[idx])])
-    if dsa_config is not None: x = dsa_apply(x, dsa_draw(dsa_config, len(x), x.dim() - 2, generator, x.device))
+    if dsa_config is not None:
+        x = dsa_apply(x, dsa_draw(dsa_config, len(x), x.dim() - 2, generator, x.device))
     return x, labels[idx].repeat(2)
 
 def view_similarity(e0: torch.Tensor, e1: torch.Tensor) -> torch.Tensor:
@@ -177,11 +194,13 @@ def supcon_loss(e0: torch.Tensor, e1: torch.Tensor, labels: torch.Tensor, temper
     return -(temperature / base_temperature) * mean_log_prob.mean()
 
 # %% ../../nbs/07e_haba.ipynb #c99de174
-# HaBa's own defaults for trajectory-matching knobs: momentum 0.95 (the original) and lr_img 10, whose effective
-# step lr/(1 - momentum) = 200 is MTT's 100/(1 - 0.5)
+# HaBa's own defaults for trajectory-matching knobs: momentum 0.95 (the original) and lr_img 10, whose
+# effective step lr/(1 - momentum) = 200 is MTT's 100/(1 - 0.5)
 TM_DEFAULTS = {'img_momentum': 0.95, 'lr_img': 10.0}
-# trajectory-matching knobs of other methods (PTM's overlap and retraining, FTD's EMA, DATM's soft labels and gate)
-REFUSED_TM = {'beta_overlap': 0.0, 'ema_decay': 0.0, 'retrain_k': 0, 'soft_labels': False, 'max_match_loss': None}
+# trajectory-matching knobs of other methods (PTM's overlap and retraining, FTD's EMA, DATM's soft labels and
+# gate)
+REFUSED_TM = {'beta_overlap': 0.0, 'ema_decay': 0.0, 'retrain_k': 0, 'soft_labels': False,
+              'max_match_loss': None}
 
 @dataclass
 class HaBaConfig:
@@ -206,7 +225,8 @@ class HaBaConfig:
         if self.tm.init not in ('real', 'noise'):
             raise ValueError(f"haba: init={self.tm.init!r}: the bases start from 'real' images or 'noise'")
         if self.kernel < 1 or self.n_hallucinators < 2:
-            raise ValueError(f'haba: kernel={self.kernel} must be >= 1 and n_hallucinators={self.n_hallucinators} >= 2')
+            raise ValueError(f'haba: kernel={self.kernel} must be >= 1 and '
+                             f'n_hallucinators={self.n_hallucinators} >= 2')
         if not (self.lr_halluc > 0 and self.lr_min > 0 and self.lr_extractor > 0):
             raise ValueError('haba: lr_halluc, lr_min and lr_extractor must be positive')
 
@@ -218,32 +238,50 @@ class HaBaConfig:
         knobs = {k: v for k, v in hp.items() if k not in ('net', 'net_options')}
         for name, off in REFUSED_TM.items():
             if knobs.get(name, off) != off:
-                raise ValueError(f'haba: {name}={knobs[name]!r} is not part of HaBa (another method\'s knob): '
-                                 f'leave it at {off!r}')
+                raise ValueError(f'haba: {name}={knobs[name]!r} is not part of HaBa (another method\'s '
+                                 f'knob): leave it at {off!r}')
         knobs = {k: v for k, v in knobs.items() if k not in REFUSED_TM}
         unknown = sorted(set(knobs) - tm_names - own)
-        if unknown: raise ValueError(f'haba: unknown hyper-parameter(s) {unknown}; known: {sorted(tm_names | own)}')
+        if unknown:
+            raise ValueError(f'haba: unknown hyper-parameter(s) {unknown}; known: {sorted(tm_names | own)}')
         tm = TMConfig(**{**TM_DEFAULTS, **{k: v for k, v in knobs.items() if k in tm_names}})
         return cls(tm=tm, **{k: v for k, v in knobs.items() if k in own})
 
 # %% ../../nbs/07e_haba.ipynb #f0b2aa36
 def haba_init(ds, plan: HaBaBudget, cfg: HaBaConfig, generator: torch.Generator, device='cpu'):
     "(bases, hallucinators): `bases_per_class` real (or noise) images per class, then the hallucinators."
-    bases, _ = initial_images(ds.train_x, ds.train_y, ds.n_classes, plan.bases_per_class, cfg.tm.init, generator)
+    bases, _ = initial_images(ds.train_x, ds.train_y, ds.n_classes, plan.bases_per_class, cfg.tm.init,
+                              generator)
     return bases.to(device).float(), make_hallucinators(plan, generator, device)
 
-def distill_haba(ds, experts, ipc: int, cfg: HaBaConfig, net: str = 'convnet', net_options: dict | None = None,
-                 seed: int = 0, device='cpu', run=None, progress: bool = True, on_iteration=None) -> SyntheticSet:
+def _extractor_step(extractor: nn.Module, opt_ext, ext_guard, bases, hallucinators, base_labels,
+                    cfg: HaBaConfig, dsa_config, gen: torch.Generator, it: int) -> torch.Tensor:
+    """The extractor's step of iteration `it`: learn to see two views of one base as the same content (the
+    factors are fixed here); returns its loss."""
+    with torch.no_grad(): x, y = view_pair(bases, hallucinators, base_labels, cfg.batch_adv, dsa_config, gen)
+    opt_ext.zero_grad(set_to_none=True)                    # drop what the factors' backward left in it
+    e = embed(extractor, x); e0, e1 = e.chunk(2)
+    l_ext = (cfg.lambda_cls * F.cross_entropy(extractor.classifier(e), y)
+             + cfg.lambda_likeli * (1 - view_similarity(e0, e1))
+             + cfg.lambda_contrast * supcon_loss(e0, e1, y[:len(e0)], cfg.temperature, cfg.temperature))
+    l_ext.backward()
+    ext_guard.step(l_ext, [opt_ext], step=it, extractor=extractor)
+    return l_ext
+
+def distill_haba(ds, experts, ipc: int, cfg: HaBaConfig, net: str = 'convnet',
+                 net_options: dict | None = None, seed: int = 0, device='cpu', run=None,
+                 progress: bool = True, on_iteration=None) -> SyntheticSet:
     "HaBa on `ds` within the budget of `ipc` images per class, matched against the expert buffer `experts`."
     from tqdm.auto import tqdm
     tm, device, C = cfg.tm, torch.device(device), ds.n_classes
     plan = plan_budget(C, ipc, ds.image_shape, cfg.n_hallucinators, cfg.kernel, cfg.halluc_share)
     n_experts = tm.n_experts or len(experts)
     experts.require(n_experts, tm.epochs_needed(), method='haba')
-    fnet = functional(make_net(net, ds.image_shape, C, torch.Generator().manual_seed(seed), device=device, **(net_options or {})))
+    fnet = functional(make_net(net, ds.image_shape, C, torch.Generator().manual_seed(seed), device=device,
+                               **(net_options or {})))
     dsa_config = None if tm.dsa == 'none' else DSAConfig(strategy=tm.dsa)
-    ucfg = UnrollConfig(syn_steps=tm.syn_steps, batch_syn=tm.batch_syn, backward=tm.backward, lr_param=tm.lr_param,
-                        lr_min=cfg.lr_min, dsa=dsa_config)
+    ucfg = UnrollConfig(syn_steps=tm.syn_steps, batch_syn=tm.batch_syn, backward=tm.backward,
+                        lr_param=tm.lr_param, lr_min=cfg.lr_min, dsa=dsa_config)
     gen = torch.Generator().manual_seed(seed)
     bases, hallucinators = haba_init(ds, plan, cfg, gen, device)
     bases.requires_grad_(True)
@@ -258,11 +296,14 @@ def distill_haba(ds, experts, ipc: int, cfg: HaBaConfig, net: str = 'convnet', n
     opt_ext = torch.optim.SGD(extractor.parameters(), lr=cfg.lr_extractor, momentum=cfg.extractor_momentum)
     guard, ext_guard = NonFiniteGuard(), NonFiniteGuard()
     state = Resumable(run, bases=bases, hallucinators=hallucinators, syn_lr=syn_lr, extractor=extractor,
-                      opt_bases=opt_bases, opt_halluc=opt_halluc, opt_lr=opt_lr, opt_ext=opt_ext, generator=gen)
+                      opt_bases=opt_bases, opt_halluc=opt_halluc, opt_lr=opt_lr, opt_ext=opt_ext,
+                      generator=gen)
     start = state.start()
     wall = state.values.get('wall_s', 0.0)
-    guard.skipped, ext_guard.skipped = state.values.get('skipped', 0), state.values.get('extractor_skipped', 0)
-    bar = tqdm(range(start, tm.iterations), desc=f'haba ipc={ipc}', disable=not progress, initial=start, total=tm.iterations)
+    guard.skipped = state.values.get('skipped', 0)
+    ext_guard.skipped = state.values.get('extractor_skipped', 0)
+    bar = tqdm(range(start, tm.iterations), desc=f'haba ipc={ipc}', disable=not progress, initial=start,
+               total=tm.iterations)
     for it in bar:
         t0 = time.perf_counter()
         # the factors: trajectory matching on the decoded views + the adversarial view-similarity term
@@ -270,44 +311,42 @@ def distill_haba(ds, experts, ipc: int, cfg: HaBaConfig, net: str = 'convnet', n
         s, t, N = match_window(it, tm, gen)
         theta_s, theta_t = experts.snapshot(k, s, device), experts.snapshot(k, t, device)
         views = decode(bases, hallucinators)
-        theta_N = unroll_student(fnet, theta_s, views, labels, syn_lr(), dataclasses.replace(ucfg, syn_steps=N), generator=gen)
+        theta_N = unroll_student(fnet, theta_s, views, labels, syn_lr(),
+                                 dataclasses.replace(ucfg, syn_steps=N), generator=gen)
         l_match = matching_loss(theta_N, theta_s, theta_t, prune_fraction=tm.prune_fraction)
         x, _ = view_pair(bases, hallucinators, base_labels, cfg.batch_adv, dsa_config, gen)
         e = embed(extractor, x)
         l_adv = view_similarity(*e.chunk(2))
         loss = tm.beta_match * l_match + cfg.lambda_adv * l_adv
         loss.backward()
-        updated = guard.step(loss, [opt_bases, opt_halluc, opt_lr], step=it, bases=bases, hallucinators=hallucinators,
-                             syn_lr=syn_lr)
-        # the extractor: learn to see two views of one base as the same content (the factors are fixed here)
-        with torch.no_grad(): x, y = view_pair(bases, hallucinators, base_labels, cfg.batch_adv, dsa_config, gen)
-        opt_ext.zero_grad(set_to_none=True)                    # drop what the factors' backward left in it
-        e = embed(extractor, x); e0, e1 = e.chunk(2)
-        l_ext = (cfg.lambda_cls * F.cross_entropy(extractor.classifier(e), y)
-                 + cfg.lambda_likeli * (1 - view_similarity(e0, e1))
-                 + cfg.lambda_contrast * supcon_loss(e0, e1, y[:len(e0)], cfg.temperature, cfg.temperature))
-        l_ext.backward()
-        ext_guard.step(l_ext, [opt_ext], step=it, extractor=extractor)
+        updated = guard.step(loss, [opt_bases, opt_halluc, opt_lr], step=it, bases=bases,
+                             hallucinators=hallucinators, syn_lr=syn_lr)
+        # the extractor
+        l_ext = _extractor_step(extractor, opt_ext, ext_guard, bases, hallucinators, base_labels, cfg,
+                                dsa_config, gen, it)
         wall += time.perf_counter() - t0
         state.values.update(wall_s=wall, skipped=guard.skipped, extractor_skipped=ext_guard.skipped)
         if run is not None and (it % tm.log_every == 0 or it + 1 == tm.iterations):
-            run.log({'iteration': it + 1, 'haba_loss': float(loss.detach()), 'match_loss': float(l_match.detach()),
-                     'adv_similarity': float(l_adv.detach()), 'extractor_loss': float(l_ext.detach()),
-                     'syn_lr': syn_lr.item(), 'expert': k, 'start': s, 'target': t, 'syn_steps': N, 'updated': updated,
-                     'skipped': guard.skipped, 'extractor_skipped': ext_guard.skipped, 'wall_s': wall})
-        bar.set_postfix(match=f'{float(l_match.detach()):.3f}', lr=f'{syn_lr.item():.2e}', skipped=guard.skipped)
+            run.log({'iteration': it + 1, 'haba_loss': float(loss.detach()),
+                     'match_loss': float(l_match.detach()), 'adv_similarity': float(l_adv.detach()),
+                     'extractor_loss': float(l_ext.detach()), 'syn_lr': syn_lr.item(), 'expert': k,
+                     'start': s, 'target': t, 'syn_steps': N, 'updated': updated, 'skipped': guard.skipped,
+                     'extractor_skipped': ext_guard.skipped, 'wall_s': wall})
+        bar.set_postfix(match=f'{float(l_match.detach()):.3f}', lr=f'{syn_lr.item():.2e}',
+                        skipped=guard.skipped)
         if (it + 1) % tm.checkpoint_every == 0 or it + 1 == tm.iterations: state.save(it + 1)
         if on_iteration is not None: on_iteration(it + 1, bases, hallucinators)
     with torch.no_grad(): views = decode(bases, hallucinators)
     factors = {'bases': bases.detach().cpu().clone(),
                'hallucinators': {k: v.detach().cpu().clone() for k, v in hallucinators.state_dict().items()}}
-    provenance = {'method': 'haba', 'iterations': tm.iterations, 'skipped': guard.skipped, 'wall_s': wall, 'seed': seed,
-                  'haba': {**plan.as_dict(), 'image_shape': list(plan.image_shape)}}
+    provenance = {'method': 'haba', 'iterations': tm.iterations, 'skipped': guard.skipped, 'wall_s': wall,
+                  'seed': seed, 'haba': {**plan.as_dict(), 'image_shape': list(plan.image_shape)}}
     return SyntheticSet(views.cpu(), labels.cpu(), syn_lr.item(), C, ipc, provenance, factors)
 
 @register_method('haba', experts='plain', learned_lr=True,
-                 description='HaBa: bases x hallucinators by trajectory matching, adversarial extractor (Liu et al. 2022)')
+                 description='HaBa: bases x hallucinators by trajectory matching, adversarial extractor '
+                             '(Liu et al. 2022)')
 def haba(ds, ipc, hp, experts, seed, device, run, progress):
     "HaBa through the registry: `hp` is the resolved `_tm` + `haba` row plus the run's net."
-    return distill_haba(ds, experts, ipc, HaBaConfig.from_hp(hp), hp.get('net', 'convnet'), hp.get('net_options'),
-                        seed, device, run, progress)
+    return distill_haba(ds, experts, ipc, HaBaConfig.from_hp(hp), hp.get('net', 'convnet'),
+                        hp.get('net_options'), seed, device, run, progress)

@@ -17,7 +17,8 @@ __all__ = ['SEQMATCH_KNOBS', 'split_ipc', 'merge_class_major', 'stage_experts', 
 
 # %% ../../nbs/07g_seqmatch.ipynb #456cf78d
 def split_ipc(ipc: int, n_subsets: int = 2, subset_ipcs: list | None = None) -> list[int]:
-    "Images per class of each subset: `subset_ipcs` when given, else `n_subsets` near-equal parts, larger first."
+    """Images per class of each subset: `subset_ipcs` when given, else `n_subsets` near-equal parts, larger
+    first."""
     if subset_ipcs is not None:
         if sum(subset_ipcs) != ipc or min(subset_ipcs) < 1:
             raise ValueError(f'subset_ipcs={list(subset_ipcs)} must be positive and sum to ipc={ipc}')
@@ -28,7 +29,8 @@ def split_ipc(ipc: int, n_subsets: int = 2, subset_ipcs: list | None = None) -> 
 
 # %% ../../nbs/07g_seqmatch.ipynb #dedc085e
 def merge_class_major(parts: list, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "One class-major (images, labels) from class-major subsets [(images, labels), ...] of possibly different ipc."
+    """One class-major (images, labels) from class-major subsets [(images, labels), ...] of possibly
+    different ipc."""
     per_class = [[], []]
     for c in range(n_classes):
         for x, y in parts:
@@ -56,11 +58,12 @@ def check_frozen(frozen, images: torch.Tensor, labels: torch.Tensor, device):
     "The frozen (images, labels) on `device`, checked against the images and labels being learned."
     fx, fy = frozen
     if tuple(fx.shape[1:]) != tuple(images.shape[1:]) or len(fx) != len(fy):
-        raise ValueError(f'frozen images {tuple(fx.shape)} with {len(fy)} labels: expected one label per image of '
-                         f'shape {tuple(images.shape[1:])}, as the synthetic images')
+        raise ValueError(f'frozen images {tuple(fx.shape)} with {len(fy)} labels: expected one label per '
+                         f'image of shape {tuple(images.shape[1:])}, as the synthetic images')
     if fy.is_floating_point() != labels.is_floating_point() or fy.shape[1:] != labels.shape[1:]:
-        raise ValueError(f'frozen labels are {fy.dtype} {tuple(fy.shape)} but the learned ones {labels.dtype} '
-                         f'{tuple(labels.shape)}: give hard labels with hard labels, (n, C) logits with soft labels')
+        raise ValueError(f'frozen labels are {fy.dtype} {tuple(fy.shape)} but the learned ones '
+                         f'{labels.dtype} {tuple(labels.shape)}: give hard labels with hard labels, '
+                         '(n, C) logits with soft labels')
     return fx.detach().to(device, images.dtype), fy.detach().to(device, labels.dtype)
 
 @dataclass
@@ -75,20 +78,26 @@ class FrozenSubsets(TMHooks):
 SEQMATCH_KNOBS = ('n_subsets', 'subset_ipcs', 'warm_epochs', 'stage_experts', 'stage_expert_epochs')
 
 def stage_seed(seed: int, stage: int) -> int:
-    "The seed of stage `stage`: the run's seed for the first (stage 0 is MTT at its ipc), a derived one after."
+    """The seed of stage `stage`: the run's seed for the first (stage 0 is MTT at its ipc), a derived one
+    after."""
     if stage == 0: return seed
-    return int.from_bytes(hashlib.sha256(f'ptm_nb.seqmatch/{seed}/{stage}'.encode()).digest()[:8], 'little') >> 1
+    digest = hashlib.sha256(f'ptm_nb.seqmatch/{seed}/{stage}'.encode()).digest()
+    return int.from_bytes(digest[:8], 'little') >> 1
 
 @register_method('seqmatch', experts='plain', learned_lr=True,
-                 description='SeqMatch: subsets distilled in sequence, earlier ones frozen, experts warm-started on them (Du et al. 2023)')
+                 description='SeqMatch: subsets distilled in sequence, earlier ones frozen, '
+                             'experts warm-started on them (Du et al. 2023)')
 def seqmatch(ds, ipc, hp, experts, seed, device, run, progress) -> SyntheticSet:
-    "SeqMatch on `ds`: the ipc split into subsets (`split_ipc`), each distilled by `distill_tm` with the earlier frozen."
+    """SeqMatch on `ds`: the ipc split into subsets (`split_ipc`), each distilled by `distill_tm` with the
+    earlier frozen."""
     hp = dict(hp); net, net_options = hp.pop('net', 'convnet'), hp.pop('net_options', None)
     knobs = {k: hp.pop(k, None) for k in SEQMATCH_KNOBS}
     cfg = TMConfig(**hp)
     sizes = split_ipc(ipc, knobs['n_subsets'] or 2, knobs['subset_ipcs'])
     n_stage_experts = knobs['stage_experts'] or cfg.n_experts or len(experts)
-    stages, notes, t0 = [], {'subset_ipcs': sizes, 'stage_lrs': [], 'stage_experts': [], 'gated': 0, 'skipped': 0}, time.perf_counter()
+    stages = []
+    notes = {'subset_ipcs': sizes, 'stage_lrs': [], 'stage_experts': [], 'gated': 0, 'skipped': 0}
+    t0 = time.perf_counter()
     for k, ipc_k in enumerate(sizes):
         folder = RunFolder(run.path / f'stage_{k}') if run is not None else None
         buffer = experts if k == 0 else stage_experts(ds, experts, stages, n_stage_experts,
@@ -97,17 +106,20 @@ def seqmatch(ds, ipc, hp, experts, seed, device, run, progress) -> SyntheticSet:
         part = folder.load_synset() if folder is not None else None
         if part is None:
             frozen = merge_class_major([(x, y) for x, y, _ in stages], ds.n_classes) if stages else None
-            part = distill_tm(ds, buffer, dataclasses.replace(cfg, n_experts=min(len(buffer), cfg.n_experts or len(buffer))),
-                              ipc_k, stage_seed(seed, k), device, folder, net, net_options, progress,
+            stage_cfg = dataclasses.replace(cfg, n_experts=min(len(buffer), cfg.n_experts or len(buffer)))
+            part = distill_tm(ds, buffer, stage_cfg, ipc_k, stage_seed(seed, k), device, folder, net,
+                              net_options, progress,
                               hooks=[FrozenSubsets(frozen)] if frozen else ())
             if folder is not None:
                 folder.save_synset(part)
-                run.log({'iteration': (k + 1) * cfg.iterations, 'stage': k, 'subset_ipc': ipc_k, 'syn_lr': part.lr,
-                         'match_loss': (folder.metrics() or [{}])[-1].get('match_loss'),
+                run.log({'iteration': (k + 1) * cfg.iterations, 'stage': k, 'subset_ipc': ipc_k,
+                         'syn_lr': part.lr, 'match_loss': (folder.metrics() or [{}])[-1].get('match_loss'),
                          'wall_s': time.perf_counter() - t0})
         stages.append((part.images, part.labels, part.lr))
         notes['stage_lrs'].append(part.lr); notes['stage_experts'].append(buffer.folder.name)
-        notes['gated'] += part.provenance.get('gated', 0); notes['skipped'] += part.provenance.get('skipped', 0)
+        notes['gated'] += part.provenance.get('gated', 0)
+        notes['skipped'] += part.provenance.get('skipped', 0)
     images, labels = merge_class_major([(x, y) for x, y, _ in stages], ds.n_classes)
     return SyntheticSet(images, labels, stages[-1][2], ds.n_classes, ipc,
-                        {'schedule': cfg.schedule, 'iterations': cfg.iterations * len(sizes), 'seed': seed, **notes})
+                        {'schedule': cfg.schedule, 'iterations': cfg.iterations * len(sizes), 'seed': seed,
+                         **notes})
