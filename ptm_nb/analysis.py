@@ -18,7 +18,7 @@ from .train import evaluate_synset
 # %% auto #0
 __all__ = ['ONE_D', 'filter_normalise', 'random_direction', 'MeanLoss', 'Landscape', 'grid_axis', 'loss_landscape_2d',
            'landscape_summary', 'plot_landscape_contours', 'plot_landscape_surface', 'net_features', 'tsne_2d',
-           'class_separation', 'embedding_frame', 'plot_tsne', 'evaluation_net', 'expert_net']
+           'class_separation', 'embedding_frame', 'plot_tsne', 'evaluation_net', 'expert_net', 'tsne_panels']
 
 # %% ../nbs/09_analysis.ipynb #938150ff
 ONE_D = ('copy', 'zero', 'scale')
@@ -302,3 +302,43 @@ def expert_net(result, ds, device='cpu', index: int = 0, epoch: int | None = Non
     buffer = experts_for(ds, cfg, Path(result.folder.path).parent.parent, device, progress=False)
     net = make_net(cfg['net'], tuple(ds.image_shape), ds.n_classes, device=device, **cfg['net_options'])
     return load_flat(net, buffer.snapshot(index, buffer.epochs if epoch is None else epoch, device)).eval()
+
+# %% ../nbs/09_analysis.ipynb #cc6ea60a
+def _hard(labels): return labels.argmax(1) if labels.is_floating_point() else labels   # soft labels: their class
+
+def _panels(runs: dict, ds, device, title) -> list:
+    "(panel name, net, {source: (images, labels)}, method or None) of each network of the figure."
+    sets = {m: (r.synset.images, _hard(r.synset.labels)) for m, r in runs.items()}
+    panels, with_experts = [], [m for m, r in runs.items() if r.folder.config.get('experts')]
+    if with_experts:
+        first = runs[with_experts[0]]
+        panels.append((f"Expert (real data, epoch {first.folder.config['experts']['epochs']})",
+                       expert_net(first, ds, device=device), {f'{title(m)} synthetic': sets[m] for m in runs}, None))
+    for m, r in runs.items():
+        panels.append((f'Trained on the {title(m)} set', evaluation_net(r, ds, device=device)[0],
+                       {f'{title(m)} synthetic': sets[m]}, m))
+    return panels
+
+def tsne_panels(runs: dict, ds, x, y, seed: int, perplexity: float = 30.0, device='cpu', title=str):
+    """Figure 7 for one dataset: `runs` {method: RunResult}, real test images `x, y`. Returns (one table row per
+    network: accuracy on `x`, class separation, the set's intra-class MMD; one frame for `plot_tsne`)."""
+    import pandas as pd
+    from ptm_nb.ptm import intra_class_mmd
+    from ptm_nb.train import accuracy
+    rows, frames = [], []
+    for name, net, synthetic, method in _panels(runs, ds, device, title):
+        feats = net_features(net, torch.cat([x, *(imgs for imgs, _ in synthetic.values())]))
+        with torch.no_grad(): logits = net.classifier(feats[:len(x)].to(next(net.parameters()).device)).cpu()
+        emb = tsne_2d(feats, seed=seed, perplexity=perplexity)
+        frames.append(embedding_frame(emb[:len(x)], y, 'real test', name, ds.class_names))
+        start = len(x)
+        for source, (imgs, labs) in synthetic.items():
+            frames.append(embedding_frame(emb[start:start + len(imgs)], labs, source, name, ds.class_names))
+            start += len(imgs)
+        run = runs[method] if method else None
+        rows.append({'network': name, 'acc_shown': accuracy(logits, y),
+                     'silhouette': class_separation(feats[:len(x)], y),
+                     'set_intra_class_mmd': (intra_class_mmd(run.synset.images, ds.n_classes, run.synset.ipc)
+                                             if run else float('nan')),
+                     'test_images': len(y), 'run': run.folder.path.name if run else 'experts'})
+    return rows, pd.concat(frames, ignore_index=True)
