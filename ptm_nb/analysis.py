@@ -304,7 +304,9 @@ def expert_net(result, ds, device='cpu', index: int = 0, epoch: int | None = Non
     return load_flat(net, buffer.snapshot(index, buffer.epochs if epoch is None else epoch, device)).eval()
 
 # %% ../nbs/09_analysis.ipynb #cc6ea60a
-def _hard(labels): return labels.argmax(1) if labels.is_floating_point() else labels   # soft labels: their class
+def _hard(labels):
+    "Class indices (soft labels: their most probable class)."
+    return labels.argmax(1) if labels.is_floating_point() else labels
 
 def _panels(runs: dict, ds, device, title) -> list:
     "(panel name, net, {source: (images, labels)}, method or None) of each network of the figure."
@@ -313,15 +315,17 @@ def _panels(runs: dict, ds, device, title) -> list:
     if with_experts:
         first = runs[with_experts[0]]
         panels.append((f"Expert (real data, epoch {first.folder.config['experts']['epochs']})",
-                       expert_net(first, ds, device=device), {f'{title(m)} synthetic': sets[m] for m in runs}, None))
+                       expert_net(first, ds, device=device),
+                       {f'{title(m)} synthetic': sets[m] for m in runs}, None))
     for m, r in runs.items():
         panels.append((f'Trained on the {title(m)} set', evaluation_net(r, ds, device=device)[0],
                        {f'{title(m)} synthetic': sets[m]}, m))
     return panels
 
-def tsne_panels(runs: dict, ds, x, y, seed: int, perplexity: float = 30.0, device='cpu', title=str):
-    """Figure 7 for one dataset: `runs` {method: RunResult}, real test images `x, y`. Returns (one table row per
-    network: accuracy on `x`, class separation, the set's intra-class MMD; one frame for `plot_tsne`)."""
+def tsne_panels(runs: dict, ds, x, y, seed: int, perplexity: float = 30.0, device='cpu',
+                title=str):
+    """Figure 7 for one dataset: `runs` {method: RunResult}, real test images `x, y`. Returns (one table row
+    per network: accuracy on `x`, class separation, the set's intra-class MMD; one frame for `plot_tsne`)."""
     import pandas as pd
     from ptm_nb.ptm import intra_class_mmd
     from ptm_nb.train import accuracy

@@ -4,12 +4,12 @@
 
 # %% ../nbs/10_cli.ipynb #9876f352
 from __future__ import annotations
-import argparse, json, os, sys
+import argparse, errno, json, os, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['FAMILIES', 'MEDMNIST_RECORD', 'render_readme', 'method_family', 'methods_lines', 'no_data_message', 'build_parser',
-           'main']
+__all__ = ['FAMILIES', 'MEDMNIST_RECORD', 'DEVICE_HELP', 'OS_FIXES', 'render_readme', 'method_family', 'methods_lines',
+           'no_data_message', 'build_parser', 'os_error_message', 'main']
 
 # %% ../nbs/10_cli.ipynb #5dc7794c
 def render_readme(nb_path='nbs/index.ipynb') -> str:
@@ -65,19 +65,16 @@ def no_data_message(root=None) -> str:
 
 # %% ../nbs/10_cli.ipynb #1e3368c0
 def _cmd_datasets(args) -> int:
-    from ptm_nb.data import dataset_report, DatasetError
+    from ptm_nb.data import dataset_report
     import pandas as pd
-    try:
-        report = dataset_report(root=args.root, names=args.names or None)
-    except DatasetError as e:
-        print(f'ptm-nb datasets: error: {e}', file=sys.stderr)
-        return 2
+    report = dataset_report(root=args.root, names=args.names or None)   # errors: see `main`
     if report.empty and not args.names:          # nothing there: say where we looked, not an empty table
         print(no_data_message(args.root), file=sys.stderr)
         return 2
     with pd.option_context('display.max_rows', None, 'display.max_columns', None, 'display.width', 200):
         print(report.to_string(index=False))
-    broken = report[report['status'].astype(str).str.startswith('error')] if 'status' in report else report.iloc[:0]
+    status = report['status'].astype(str) if 'status' in report else None
+    broken = report[status.str.startswith(('error', 'unreadable'))] if status is not None else report.iloc[:0]
     if args.out:
         from ptm_nb.io import write_text_atomic
         p = Path(args.out)
@@ -85,31 +82,30 @@ def _cmd_datasets(args) -> int:
         write_text_atomic(p, text)
         print(f'wrote {p}')
     if len(broken):
-        print(f'ptm-nb datasets: error: {len(broken)} dataset(s) present but broken: ' + ', '.join(broken['name']), file=sys.stderr)
+        print(f'ptm-nb datasets: error: {len(broken)} dataset(s) present but broken or unreadable: '
+              + ', '.join(broken['name']) + ' (the status column says why and the fix)', file=sys.stderr)
         return 2
     return 0
 
 def _parse_sets(pairs) -> dict:
-    "`key=value` pairs from --set; values are read as YAML (numbers, booleans, null, lists)."
-    import yaml
+    """`key=value` pairs from --set; values are read as YAML (numbers, booleans, null, lists), where `1e-3`,
+    `.5` and `inf` are numbers (`ptm_nb.runs.parse_set_value`); the run checks keys and values
+    (`check_overrides`)."""
+    from ptm_nb.runs import parse_set_value
     out = {}
     for pair in pairs or []:
         key, eq, value = pair.partition('=')
-        if not eq or not key: raise SystemExit(f'ptm-nb: --set {pair!r}: write key=value, e.g. --set lr_img=10')
-        out[key] = yaml.safe_load(value)
+        if not eq or not key.strip():
+            raise ValueError(f'--set {pair!r}: write key=value, e.g. --set lr_img=10')
+        out[key.strip()] = parse_set_value(value)
     return out
 
 def _cmd_distill(args) -> int:
     from ptm_nb.runs import RunSpec, run
-    from ptm_nb.data import DatasetError
     from ptm_nb.report import outputs_root
     spec = RunSpec(args.method, args.dataset, args.ipc, args.scale, args.seed, args.device, args.net, _parse_sets(args.set))
     root = args.root or outputs_root() / args.scale
-    try:
-        res = run(spec, root=root, data_root=args.data_root, progress=not args.no_progress)
-    except (DatasetError, ValueError, FileNotFoundError) as e:
-        print(f'ptm-nb distill: error: {e}', file=sys.stderr)
-        return 2
+    res = run(spec, root=root, data_root=args.data_root, progress=not args.no_progress)   # errors: see `main`
     e = res.eval
     print(f"{args.method} on {args.dataset}, ipc {args.ipc}, scale {args.scale}: acc {100 * e['acc_mean']:.2f} ± "
           f"{100 * e['acc_std']:.2f} % over {e['nets']} nets ({e['epochs']} epochs, final epoch), "
@@ -125,13 +121,9 @@ def _one_line(e) -> str: return ' '.join(str(e).split())
 
 def _cmd_evaluate(args) -> int:
     from ptm_nb.evaluate import evaluate_set, record_path, write_record
-    try:
-        rec = evaluate_set(args.path, args.dataset, args.net, args.scale, args.device, args.seed,
-                           args.data_root)
-        out = write_record(rec, args.out or record_path(rec['source']))
-    except (ValueError, OSError) as e:      # SynsetError and DatasetError are ValueErrors
-        print(f'ptm-nb evaluate: error: {_one_line(e)}', file=sys.stderr)
-        return 2
+    rec = evaluate_set(args.path, args.dataset, args.net, args.scale, args.device, args.seed,
+                       args.data_root)                        # errors (one line each): see `main`
+    out = write_record(rec, args.out or record_path(rec['source']))
     print(json.dumps(rec, indent=1, default=float))
     print(f"{rec['source']} on {rec['dataset']} ({rec['images']} images), scale {rec['scale']}: acc "
           f"{100 * rec['acc_mean']:.2f} ± {100 * rec['acc_std']:.2f} % over {rec['nets']} {rec['net']} nets "
@@ -155,16 +147,14 @@ def _cmd_results(args) -> int:
 
 def _cmd_reproduce(args) -> int:
     from ptm_nb.report import reproduce, outputs_root
-    datasets = [d for d in (args.datasets or '').split(',') if d.strip()] or None
+    from ptm_nb.report import check_datasets
+    datasets = check_datasets(args.datasets) if args.datasets is not None else None   # before any kernel
     # the notebooks' kernels inherit these: every notebook plans its runs and executes them on this cluster
     if args.workers is not None: os.environ['PTM_WORKERS'] = str(args.workers)
     if args.scheduler: os.environ['PTM_SCHEDULER'] = args.scheduler
-    try:
-        statuses = reproduce(args.scale, args.only, datasets, args.out, args.data_root, args.device, args.force,
-                             progress=not args.no_progress, methods=args.methods, ipcs=args.ipcs)
-    except (ValueError, FileNotFoundError) as e:
-        print(f'ptm-nb reproduce: error: {e}', file=sys.stderr)
-        return 2
+    statuses = reproduce(args.scale, args.only, datasets, args.out, args.data_root, args.device, args.force,
+                         progress=not args.no_progress, methods=args.methods,
+                         ipcs=args.ipcs)                             # errors: see `main`
     root = outputs_root(args.out) / args.scale
     counts = {k: sum(s['status'] == k for s in statuses) for k in ('done', 'skipped', 'failed')}
     print(f"{counts['done']} notebook(s) run, {counts['skipped']} skipped (finished before), {counts['failed']} failed; "
@@ -205,6 +195,8 @@ def _cmd_html(args) -> int:
     return 0
 
 # %% ../nbs/10_cli.ipynb #c1efd920
+DEVICE_HELP = 'auto (CUDA when present), cpu, cuda, cuda:N or mps; checked before anything runs'
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='ptm-nb', description='Progressive trajectory matching for medical dataset distillation.')
     from ptm_nb import __version__
@@ -221,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument('--ipc', type=int, default=2, help='images per class (default: 2)')
     x.add_argument('--scale', default='smoke', choices=['smoke', 'quick', 'paper'], help='preset of hparams.yaml')
     x.add_argument('--seed', type=int, default=0)
-    x.add_argument('--device', default='auto', help='auto (CUDA when present), cpu or cuda')
+    x.add_argument('--device', default='auto', help=DEVICE_HELP)
     x.add_argument('--net', default='convnet', help='the network distilled for and evaluated on')
     x.add_argument('--set', action='append', metavar='KEY=VALUE', help='override a hyper-parameter (repeatable), '
                    'e.g. --set lr_img=10 --set eval.epochs=50')
@@ -239,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--scale', default='smoke', choices=['smoke', 'quick', 'paper'], help='whose eval preset '
                    '(nets, epochs) and network options of hparams.yaml')
     e.add_argument('--seed', type=int, default=0, help='seed of the evaluation nets (a run: its own seed)')
-    e.add_argument('--device', default='auto', help='auto (CUDA when present), cpu or cuda')
+    e.add_argument('--device', default='auto', help=DEVICE_HELP)
     e.add_argument('--data-root', default=None, help='data root (default: $PTM_DATA_DIR, else medmnist\'s '
                    'folder)')
     e.add_argument('--out', default=None, help='where the record goes (default: <file>.eval.json beside the '
@@ -261,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    '(default: each table\'s preset; the figures keep their single ipc)')
     b.add_argument('--out', default=None, help='outputs folder (default: outputs/ of the repository or $PTM_OUTPUTS)')
     b.add_argument('--data-root', default=None, help='data root (default: $PTM_DATA_DIR, else medmnist\'s folder)')
-    b.add_argument('--device', default='auto', help='auto (CUDA when present), cpu or cuda')
+    b.add_argument('--device', default='auto', help=DEVICE_HELP)
     b.add_argument('--force', action='store_true', help='run notebooks again even when finished (runs are still reused)')
     b.add_argument('--workers', type=int, default=None, help='processes of the embedded Dask LocalCluster that computes '
                    'the runs (default: $PTM_WORKERS, else one per core; 0: in the notebook\'s own process)')
@@ -284,7 +276,51 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_readme)
     return p
 
+# what to do about an OSError, by errno (PATH: the file or folder it names)
+OS_FIXES = {
+    errno.EACCES: 'give your user access to it (chmod u+rwX PATH; a data file needs read access, an outputs '
+                  'folder write access), or use another folder (--root, --out, --data-root)',
+    errno.EROFS: 'the file system is read-only: write to a writable folder (distill: --root DIR; reproduce, '
+                 'html: --out DIR; evaluate: --out FILE); finished runs are still read from a read-only copy',
+    errno.ENOSPC: 'free space on that disk (run folders and expert buffers under outputs/ are the large '
+                  'files) or write elsewhere (--root, --out); the file being written was left as it was '
+                  '(writes go through a temporary file), and the run resumes from its last checkpoint',
+    errno.EISDIR: 'a folder stands where a file should be: move or delete that folder, then run again',
+    errno.ENOTDIR: 'a file stands where a folder should be on that path: move the file away or choose '
+                   'another folder',
+    errno.ENOENT: 'check the path (and the folders above it)',
+    errno.ENODEV: 'the device or mount behind that path is gone: mount it again or choose another folder',
+    errno.EMFILE: 'too many open files: raise the limit (ulimit -n 4096) and run again',
+    errno.ENAMETOOLONG: 'use a shorter path (--root, --out)',
+}
+OS_FIXES[errno.EPERM] = OS_FIXES[errno.EACCES]
+OS_FIXES[errno.EDQUOT] = OS_FIXES[errno.ENOSPC].replace('on that disk', 'within your quota')
+OS_FIXES[errno.ENXIO] = OS_FIXES[errno.ENODEV]
+
+def os_error_message(e: OSError) -> str:
+    "One line for an OSError: the path it names, what the system said, and the fix (`OS_FIXES`)."
+    what = e.strerror or str(e)
+    if e.filename is None: head = what
+    elif e.filename2 is not None: head = f'{e.filename} -> {e.filename2}: {what}'
+    else: head = f'{e.filename}: {what}'
+    fix = OS_FIXES.get(e.errno)
+    if fix: head += '. Fix: ' + fix.replace('PATH', 'the folder' if e.filename is None else str(e.filename))
+    return _one_line(head)
+
 def main(argv=None) -> int:
-    "Entry point of the `ptm-nb` console command."
+    """Entry point of the `ptm-nb` console command. `--device` is checked before anything is read or written;
+    what goes wrong in a command is one message and exit 2: an OSError (permissions, a folder where a file
+    should be, a read-only or full disk) names the path and the fix (`os_error_message`), a wrong input names
+    what and how (a dataset's placement guide keeps its lines)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    say = lambda text: print(f'ptm-nb {args.command}: error: {text}', file=sys.stderr)
+    try:
+        if getattr(args, 'device', None) is not None:
+            from ptm_nb.runs import resolve_device
+            resolve_device(args.device)
+        return args.func(args)
+    except OSError as e:
+        say(os_error_message(e)); return 2
+    except ValueError as e:          # DatasetError, SynsetError, CorruptFile, a bad --set: it says the fix
+        from ptm_nb.data import DatasetError
+        say(str(e) if isinstance(e, DatasetError) else _one_line(e)); return 2

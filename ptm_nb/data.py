@@ -767,6 +767,12 @@ def ingest_image_folder(entry: dict, root=None, size=None, cache_dir=None, on_un
     return npz_path
 
 # %% ../nbs/00_data.ipynb #139c842d
+def _not_a_folder(path: Path, get: str):
+    "A DatasetError when a folder stands where the data file `path` should be (never looked for inside)."
+    if path.is_dir():
+        raise DatasetError(f'{path} is a folder, not the data file {path.name}. Fix: move that folder away '
+                           f'(mv "{path}" "{path}.folder") and put the file there ({get})')
+
 def locate_npz(entry: dict, meta: dict, root=None, size=None, download=True, cache_dir=None, on_unreadable=None) -> Path:
     "The verified npz behind a manifest entry: found (or downloaded) and checksummed, or ingested into the cache."
     root, key, kind = data_root(root), entry['name'], entry['kind']
@@ -783,6 +789,7 @@ def locate_npz(entry: dict, meta: dict, root=None, size=None, download=True, cac
             if not download: raise _placement_error(path, url, 'md5', md5, 'download=False')
             try: fetch_url(url, path, 'md5', md5)
             except _Unreachable as e: raise _placement_error(path, url, 'md5', md5, f'offline? {e}') from None
+        _not_a_folder(path, f'download {url}')
         check_digest(path, md5, 'md5', f"medmnist.INFO[{flag!r}][{field_name!r}]",
                      f'delete {path} and download {url} again (or let load_dataset download it into a writable root)')
         return path
@@ -797,6 +804,8 @@ def locate_npz(entry: dict, meta: dict, root=None, size=None, download=True, cac
         else:
             reason = 'download=False' if entry.get('url') and not download else 'no url with a checksum in the manifest'
             raise _placement_error(path, entry.get('url'), algo, digest, reason)
+    _not_a_folder(path, f'get it from {entry["url"]}' if entry.get('url') else
+                  'get it from the source of the entry')
     for a in ('sha256', 'md5'):
         if entry.get(a):
             check_digest(path, entry[a], a, f'the manifest entry {key} ({entry["_origin"].get(a, "manifest")})',
@@ -927,6 +936,13 @@ def dataset_present(name: str, root=None, manifest=None) -> bool:
     paths = _expected_paths(entries[key], dataset_meta(entries[key]), data_root(root))
     return any(present for s, _, present in paths if size is None or s == size)
 
+def _failed_status(e: Exception, path) -> str:
+    "The status of a present dataset that could not be read: 'error: ...', or 'unreadable: ... Fix: ...'."
+    if not isinstance(e, OSError): return 'error: ' + str(e).splitlines()[0]
+    where = e.filename or path
+    fix = f'chmod a+r {where}' if isinstance(e, PermissionError) else 'check the file and its folder'
+    return f'unreadable: {where}: {e.strerror or e}. Fix: {fix}'
+
 def dataset_report(root=None, names=None, manifest=None, include_absent=False, cache_dir=None):
     "Table-1 statistics (a DataFrame) of every manifest dataset present under the root, or of the named ones."
     import pandas as pd
@@ -938,9 +954,9 @@ def dataset_report(root=None, names=None, manifest=None, include_absent=False, c
             for size, path, present in variants:
                 if present:
                     try: rows.append(_summary(entry, meta, root, size, cache_dir))
-                    except DatasetError as e:
+                    except (DatasetError, OSError) as e:   # one bad or unreadable file is a row, not the end
                         rows.append({'name': key, 'title': meta.get('title'), 'table1': meta.get('table1') or '',
-                                     'status': 'error: ' + str(e).splitlines()[0], 'source': str(path)})
+                                     'status': _failed_status(e, path), 'source': str(path)})
             if include_absent and not any(p for _, _, p in variants):
                 rows.append({'name': key, 'title': meta.get('title'), 'table1': meta.get('table1') or '',
                              'modality': meta.get('modality'), 'dims': '3D' if meta.get('is_3d') else '2D',

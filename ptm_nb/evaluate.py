@@ -268,12 +268,13 @@ def evaluate_set(path, dataset: str | None = None, net: str = 'convnet', scale: 
     "Evaluate the synthetic set at `path` under the `scale` protocol: a run's eval.json fields, and more."
     from ptm_nb.runs import resolve_device
     from ptm_nb.train import evaluate_synset
+    device = resolve_device(device)                  # a device that is not here: an error before any work
     s = load_synthetic(path)
     ds = ds if ds is not None else dataset_for(s, dataset, data_root)
     x, y = check_against(s, ds)
     ipc = max(1, len(x) // ds.n_classes)
     p = eval_protocol(scale, dataset or s.dataset or ds.name, ipc, ds.is_3d, hparams)
-    device, lr = resolve_device(device), protocol_lr(s)
+    lr = protocol_lr(s)
     res = evaluate_synset(x, y, ds.test_x, ds.test_y, net=net, net_options=p['net_options'], lr=lr,
                           epochs=p['epochs'], K=p['nets'], seed=seed, device=device, n_classes=ds.n_classes,
                           val=(ds.val_x, ds.val_y) if len(ds.val_y) else None)

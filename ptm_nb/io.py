@@ -4,10 +4,10 @@
 
 # %% ../nbs/00a_io.ipynb #1d61f71b
 from __future__ import annotations
-import contextlib, hashlib, json, os, re, tempfile, warnings
+import contextlib, hashlib, json, os, re, sys, tempfile, warnings
 from pathlib import Path
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 # %% auto #0
 __all__ = ['DIGESTS', 'UNDIGESTED', 'file_lock', 'file_digest', 'CorruptFile', 'tracks_digests', 'track_digests', 'atomic_write',
@@ -16,12 +16,22 @@ __all__ = ['DIGESTS', 'UNDIGESTED', 'file_lock', 'file_digest', 'CorruptFile', '
 
 # %% ../nbs/00a_io.ipynb #8e72ff8d
 @contextlib.contextmanager
-def file_lock(path):
+def file_lock(path, waiting: str | None = None):
     """Hold an exclusive lock on the file `path` (created, with its folder, when missing) for the `with`
     block: processes that would write the same run, expert buffer or digests take turns instead of writing
-    over each other's files."""
+    over each other's files. `waiting`: what the lock guards; when another process holds it, one line on
+    stderr says what this one waits for (`waiting for <waiting>: another process holds <path>`)."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path): yield path
+    lock = FileLock(path)
+    if waiting is not None:
+        try: lock.acquire(timeout=0)
+        except Timeout:
+            print(f'waiting for {waiting}: another process holds {path}', file=sys.stderr, flush=True)
+            lock.acquire()
+        try: yield path
+        finally: lock.release()
+        return
+    with lock: yield path
 
 # %% ../nbs/00a_io.ipynb #8fb118c9
 _MEMO: dict = {}   # (resolved path, size, mtime_ns, algorithm) -> hex digest, for memo=True
@@ -123,29 +133,52 @@ def _read_umask() -> int:
 
 _UMASK = _read_umask()
 
+class _Sink:
+    "A binary file that keeps its write errors: `torch.save` reports a full disk as an error of its own."
+    def __init__(self, f): self._f, self.error = f, None
+    def write(self, data):
+        try: return self._f.write(data)
+        except OSError as e: self.error = e; raise
+    def __getattr__(self, name): return getattr(self._f, name)
+
+def _named(e: OSError, path: Path, tmp: str) -> OSError:
+    "`e` naming `path` where it names the temporary file or nothing (a write's error carries no file name)."
+    if e.filename is not None and str(e.filename) != tmp and not str(e.filename).endswith('.part'): return e
+    return OSError(e.errno, e.strerror or str(e), str(path))     # OSError(errno, ...) is the errno's subclass
+
 def atomic_write(path, write, mode: str = 'wb', *, digest: bool | None = None) -> Path:
     """Call `write(fileobj)` on a temporary file in `path`'s folder, flush it to the disk, give it the
     permissions of a new file (0o666 less the umask) and rename it over `path` (atomic on POSIX): a reader
     sees the old file or the new one, never a torn one. A `write` that raises leaves `path` as it was, and no
-    temporary file. `digest`: record the file's sha256 in the folder's `digests.json` (None: when the folder
-    keeps digests, `tracks_digests`)."""
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
+    temporary file. An `OSError` on the way (a full disk, a read-only folder) names `path`, also where the
+    writer reported it as another error. `digest`: record the file's sha256 in the folder's `digests.json`
+    (None: when the folder keeps digests, `tracks_digests`)."""
+    path, tmp = Path(path), ''
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.part')
         with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
-            write(f)
+            sink = _Sink(f) if 'b' in mode else f
+            try: write(sink)
+            except Exception:
+                if getattr(sink, 'error', None) is not None: raise sink.error from None   # the disk's own
+                raise
             f.flush(); os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         if digest is None: digest = tracks_digests(path.parent)
         if digest and _digested(path):
             sha, folder = file_digest(tmp), path.parent
             with file_lock(folder / _DIGESTS_LOCK):             # the file and its digest change together
-                os.replace(tmp, path)
-                kept = {n: d for n, d in _manifest(folder, locked=True).items() if (folder / n).exists()}
-                _write_manifest(folder, {**kept, path.name: sha})
+                old = _manifest(folder, locked=True)
+                kept = {n: d for n, d in old.items() if (folder / n).exists()}
+                _write_manifest(folder, {**kept, path.name: sha})   # first the digest: a full disk stops here
+                try: os.replace(tmp, path)
+                except OSError:
+                    _write_manifest(folder, old); raise
         else: os.replace(tmp, path)
+    except OSError as e: raise _named(e, path, tmp) from None
     finally:
-        if os.path.exists(tmp): os.remove(tmp)
+        if tmp and os.path.exists(tmp): os.remove(tmp)
     return path
 
 def write_text_atomic(path, text: str, *, digest: bool | None = None) -> Path:

@@ -18,9 +18,9 @@ from .train import evaluate_synset, full_data_baseline, majority_class_accuracy
 # %% auto #0
 __all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'METRICS', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table',
            'Paper', 'method_title', 'distill_seconds', 'result_row', 'seeds_for', 'results_grid', 'over_seeds',
-           'paired_differences', 'paired_table', 'curve', 'full_data_note', 'write_index', 'write_html',
-           'changed_inputs', 'paper_notebook', 'select_notebooks', 'check_methods', 'check_ipcs', 'notebook_params',
-           'reproduce']
+           'paired_differences', 'paired_table', 'curve', 'full_data_note', 'failed_notebooks', 'write_index',
+           'write_html', 'changed_inputs', 'paper_notebook', 'select_notebooks', 'check_methods', 'check_ipcs',
+           'check_datasets', 'notebook_params', 'reproduce']
 
 # %% ../nbs/09a_report.ipynb #189ede73
 REPO = Path(ptm_nb.__file__).resolve().parent.parent
@@ -442,25 +442,55 @@ def full_data_note(long) -> str:
     return 'Full real data: the whole training split, ' + '; '.join(parts) + ', final epoch.'
 
 # %% ../nbs/09a_report.ipynb #1a7c83e2
+def failed_notebooks(root) -> dict:
+    """{notebook: what its last run left} for every notebook whose last run under `root` failed (its executed
+    cells kept as `notebooks/<name>.failed.ipynb`, which a later successful run removes): the error and when,
+    as `reproduce` recorded them in `<name>.failed.json` (empty for a failure recorded before it did)."""
+    nb_dir, out = Path(root) / 'notebooks', {}
+    for p in sorted(nb_dir.glob('*.failed.ipynb')):
+        name = p.name[:-len('.failed.ipynb')]
+        info = nb_dir / f'{name}.failed.json'
+        try: out[name] = json.loads(info.read_text()) if info.exists() else {}
+        except (OSError, ValueError): out[name] = {}
+    return out
+
+def _failed_line(name: str, info: dict, has_record: bool) -> str:
+    "The mark of a notebook whose last run failed, for the index."
+    when = f" on {info['failed']}" if info.get('failed') else ''
+    error = f": {info['error']}" if info.get('error') else ''
+    shown = ('The tables and figures below are from its last successful run, not from the failed one'
+             if has_record else 'No result of it yet')
+    return (f'**Last run failed**{when}{error}. {shown}. The failed run\'s executed cells: '
+            f'[notebooks/{name}.failed.ipynb](notebooks/{name}.failed.ipynb)  ')
+
 def write_index(root) -> Path:
-    "`<root>/README.md`: every recorded notebook with its data, parameters, tables (inline) and figures."
+    """`<root>/README.md`: every recorded notebook with its data, parameters, tables (inline) and figures; a
+    notebook whose last run failed is marked as such (`failed_notebooks`), above the tables of its last
+    successful run."""
     root = Path(root)
     records = {p.stem: json.loads(p.read_text()) for p in sorted((root / 'notebooks').glob('*.json'))
-               if not p.name.endswith('.run.json')}
-    order = [n for n in NOTEBOOKS if n in records] + sorted(n for n in records if n not in NOTEBOOKS)
+               if not p.name.endswith(('.run.json', '.failed.json'))}
+    failed = failed_notebooks(root)
+    named = {*records, *failed}
+    order = [n for n in NOTEBOOKS if n in named] + sorted(n for n in named if n not in NOTEBOOKS)
     lines = [f'# Paper reproduction at scale `{root.name}`', '',
              'Produced by the notebooks in `nbs/paper/` (`ptm-nb reproduce`). Accuracies are at the final epoch. '
              'Each section says which data stood in for an absent paper dataset and which preset ran.', '']
+    if failed:
+        names = ', '.join(n for n in order if n in failed)
+        lines += [f'**Failed at their last run**: {names} (marked below).', '']
     if records:
-        pre = records[order[0]]['preset']
+        pre = records[next(n for n in order if n in records)]['preset']
         lines += [f"Preset `{root.name}`: ConvNet {pre['net_options']}, experts {pre['experts']}, evaluation {pre['eval']}, "
                   f"method caps {pre['methods']}.", '']
     if (root / 'html' / 'index.html').exists():
         lines += ['The executed notebooks as static HTML (`ptm-nb html`): [html/index.html](html/index.html)',
                   '']
     for name in order:
+        lines += [f'## {name}' + (' (last run failed)' if name in failed else ''), '']
+        if name in failed: lines += [_failed_line(name, failed[name], name in records), '']
+        if name not in records: continue
         r = records[name]
-        lines += [f'## {name}', '']
         if (root / 'notebooks' / f'{name}.ipynb').exists():
             page = f' ([html](html/{name}.html))' if (root / 'html' / f'{name}.html').exists() else ''
             lines.append(f'Executed notebook: [notebooks/{name}.ipynb](notebooks/{name}.ipynb){page}  ')
@@ -532,9 +562,12 @@ def changed_inputs(record: dict, root) -> list[str]:
 def paper_notebook(name: str) -> Path: return REPO / 'nbs' / 'paper' / f'{name}.ipynb'
 
 def select_notebooks(only=None) -> list[str]:
-    "The notebooks to run: all, or those named in `only` by full name or by prefix (`table2`, `fig5`)."
-    if not only: return list(NOTEBOOKS)
+    """The notebooks to run: all (`only` None), or those named in `only` by full name or by prefix (`table2`,
+    `fig5`); a selection that names none (`','`) is an error, not an empty batch."""
+    if only is None: return list(NOTEBOOKS)
     wanted = [w.strip() for w in (only.split(',') if isinstance(only, str) else only) if w.strip()]
+    if not wanted: raise ValueError(f'--only {only!r} names no notebook: give comma-separated notebooks or '
+                                    f'prefixes, e.g. table2,fig5 (or leave --only out for all)')
     chosen = []
     for w in wanted:
         hits = [n for n in NOTEBOOKS if n == w or n.split('_')[0] == w]
@@ -548,6 +581,7 @@ def check_methods(methods) -> list[str]:
     from ptm_nb.runs import register_baselines
     register_baselines()
     methods = [m.strip() for m in (methods.split(',') if isinstance(methods, str) else methods) if m.strip()]
+    if not methods: raise ValueError('--methods names no method: give comma-separated methods, e.g. dm,ptm')
     unknown = [m for m in methods if m not in METHODS]
     if unknown: raise ValueError(f'--methods {",".join(unknown)}: unknown method; registered: {", ".join(sorted(METHODS))}')
     return methods
@@ -558,6 +592,25 @@ def check_ipcs(ipcs) -> list[int]:
     except ValueError: out = []
     if not out or min(out) < 1: raise ValueError(f'--ipcs {ipcs!r}: give positive whole numbers separated by commas, e.g. 2,10')
     return out
+
+def check_datasets(datasets) -> list[str]:
+    """`datasets` ('a,b' or a list) as a list, each a dataset the notebooks know: a manifest dataset
+    (optionally at a size, `breastmnist_64`) or a paper dataset that has stand-ins; an unknown one, or none at
+    all, raises."""
+    from ptm_nb.data import DatasetError
+    given = datasets.split(',') if isinstance(datasets, str) else datasets
+    names = [str(d).strip() for d in given if str(d).strip()]
+    if not names: raise ValueError(f'--datasets {datasets!r} names no dataset: give comma-separated '
+                                   'datasets, e.g. pathmnist,breastmnist (or leave --datasets out)')
+    stand_ins, entries = (load_hparams().get('paper') or {}).get('stand_ins') or {}, load_manifest()
+    for n in names:
+        if n in stand_ins: continue
+        try: resolve_name(n, entries)
+        except DatasetError as e:
+            raise ValueError(f'--datasets {n}: {str(e).split(". Known:")[0]}. Fix: use a dataset of the '
+                             f'manifest (`ptm-nb datasets` lists those present) or a paper dataset: '
+                             f'{", ".join(stand_ins)}') from None
+    return names
 
 def notebook_params(name: str, common: dict, methods=None, ipcs=None) -> dict:
     "`common` plus the `methods`/`ipcs` choices, which go to the tables of results (Tables 2-5) only."
@@ -571,9 +624,10 @@ def reproduce(scale: str = 'smoke', only=None, datasets=None, out=None, data_roo
     single ipc)."""
     import papermill as pm
     from tqdm.auto import tqdm
-    names, base = select_notebooks(only), outputs_root(out)
-    if methods: methods = check_methods(methods)
-    if ipcs: ipcs = check_ipcs(ipcs)
+    names, base = select_notebooks(only), outputs_root(out)     # every selection checked before a kernel
+    if methods is not None: methods = check_methods(methods)
+    if ipcs is not None: ipcs = check_ipcs(ipcs)
+    if datasets is not None: datasets = check_datasets(datasets)
     root = base / scale; (root / 'notebooks').mkdir(parents=True, exist_ok=True)
     common = {'scale': scale, 'out': str(base), 'device': device, 'progress': False}
     if data_root is not None: common['data_root'] = str(data_root)
@@ -601,10 +655,15 @@ def reproduce(scale: str = 'smoke', only=None, datasets=None, out=None, data_roo
             if partial.exists(): os.replace(partial, failed)
             msg = str(e).strip().splitlines()
             statuses.append({'notebook': name, 'status': 'failed', 'path': str(failed), 'error': msg[-1] if msg else repr(e)})
+            when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+            info = {'error': statuses[-1]['error'], 'failed': when}
+            atomic_write(nb_dir / f'{name}.failed.json',        # the index marks it (`write_index`)
+                         lambda f: json.dump(info, f, indent=1), 'w')
             log(f'{name}: FAILED after {time.time() - t0:.0f} s ({statuses[-1]["error"]}); executed cells: {failed}')
             continue
         os.replace(partial, executed)
-        (nb_dir / f'{name}.failed.ipynb').unlink(missing_ok=True)   # an earlier failure's copy would now mislead
+        for old in (f'{name}.failed.ipynb', f'{name}.failed.json'):     # an earlier failure would now mislead
+            (nb_dir / old).unlink(missing_ok=True)
         atomic_write(stamp_path, lambda f: json.dump(stamp, f, indent=1), 'w')
         statuses.append({'notebook': name, 'status': 'done', 'path': str(executed), 'seconds': round(time.time() - t0, 1)})
         log(f'{name}: done in {time.time() - t0:.0f} s -> {executed}')

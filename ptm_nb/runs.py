@@ -4,14 +4,14 @@
 
 # %% ../nbs/08_runs.ipynb #10a0d9cb
 from __future__ import annotations
-import copy, dataclasses, hashlib, json, os
+import copy, dataclasses, difflib, fnmatch, hashlib, json, math, os, re, shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import yaml
 from .data import load_dataset, limit_train
 from .experts import ExpertConfig, generate_experts, expert_folder
-from .io import CorruptFile, file_lock, track_digests
+from .io import CorruptFile, file_lock, track_digests, read_json
 from .distill import RunFolder, SyntheticSet, get_method, METHODS
 from .train import evaluate_synset
 import importlib, pkgutil
@@ -27,8 +27,11 @@ def register_baselines() -> list[str]:
 register_baselines()        # every method is found by name, whoever imports the runs
 
 # %% auto #0
-__all__ = ['HPARAMS_PATH', 'SCALES', 'register_baselines', 'load_hparams', 'resolve_device', 'is_volume', 'scale_for', 'RunSpec',
-           'run_id', 'RunResult', 'expert_batch', 'expert_config', 'experts_for', 'run', 'results_table']
+__all__ = ['HPARAMS_PATH', 'SCALES', 'DEVICES', 'TOP_FIELDS', 'EVAL_KNOBS', 'EXPERT_KNOBS', 'DATA_KNOBS', 'CHOICES',
+           'SEQMATCH_TYPES', 'RANGES', 'BOOKKEEPING', 'register_baselines', 'load_hparams', 'resolve_device',
+           'is_volume', 'scale_for', 'parse_set_value', 'method_knobs', 'override_keys', 'check_value',
+           'check_overrides', 'method_config', 'check_config', 'RunSpec', 'run_id', 'RunResult', 'expert_batch',
+           'expert_config', 'experts_for', 'read_finished', 'run', 'results_table']
 
 # %% ../nbs/08_runs.ipynb #451d031c
 import ptm_nb
@@ -44,12 +47,31 @@ def load_hparams(path=None) -> dict:
         if not isinstance(table.get(key), dict): raise ValueError(f'{path}: the top-level field {key!r} must be a mapping')
     return table
 
+DEVICES = 'auto, cpu, cuda, cuda:N or mps'
+
 def resolve_device(device: str = 'auto') -> str:
-    "'auto' → 'cuda' when a GPU is present, else 'cpu'."
-    if device == 'auto': return 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise ValueError(f'device={device!r} but no CUDA device is available: use --device cpu or auto')
-    return device
+    """'auto' → 'cuda' when a GPU is present, else 'cpu'; 'cpu', 'cuda', 'cuda:N' and 'mps' are checked
+    against this machine. Any other name, or a device that is not here, is a ValueError saying what to use
+    instead."""
+    d = str(device).strip()
+    if d == 'auto': return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if d == 'cpu': return d
+    if m := re.fullmatch(r'cuda(?::(\d+))?', d):
+        if not torch.cuda.is_available():
+            raise ValueError(f'device={device!r} but no CUDA device is available here: use --device cpu or '
+                             'auto')
+        n = torch.cuda.device_count()
+        if m.group(1) is not None and int(m.group(1)) >= n:
+            raise ValueError(f'device={device!r} but this machine has {n} CUDA device(s), cuda:0 to '
+                             f'cuda:{n - 1}: use one of them, or cuda or auto')
+        return d
+    if d == 'mps':
+        mps = getattr(torch.backends, 'mps', None)
+        if mps is None or not mps.is_available():
+            raise ValueError("device='mps' but no Apple GPU (MPS) is available here: use --device cpu or "
+                             "auto")
+        return d
+    raise ValueError(f'device={device!r} is not a device ptm-nb runs on: use --device {DEVICES}')
 
 # %% ../nbs/08_runs.ipynb #778397d0
 def is_volume(dataset: str | None) -> bool:
@@ -77,10 +99,241 @@ def scale_for(scale: dict, dataset: str | None, ipc: int | None = None, volume: 
             else: out[key] = value
     return out
 
+# %% ../nbs/08_runs.ipynb #9c7060ad
+_NUMBER = re.compile(r'[+-]?(\d[\d_]*\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?\.?(inf|infinity|nan)', re.IGNORECASE)
+
+def parse_set_value(text: str):
+    "A `--set` value: YAML, where `1e-3`, `1E5`, `.5`, `nan`, `inf`, `.inf` are floats (YAML 1.1: some text)."
+    try: value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        why = ' '.join(str(e).split())[:120]
+        raise ValueError(f'--set value {text!r} is not readable ({why}): write a number, true/false, null, a '
+                         'string, or a YAML list or mapping, e.g. [1, 2] or {1: [1, 1]}') from None
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value.strip().replace('.inf', 'inf').replace('.Inf', 'inf').replace('.nan', 'nan'))
+    return value
+
+TOP_FIELDS = {'method': '--method', 'dataset': '--dataset', 'ipc': '--ipc', 'scale': '--scale',
+              'seed': '--seed', 'device': '--device'}
+EVAL_KNOBS = {'nets': 'int', 'epochs': 'int'}
+EXPERT_KNOBS = {'kind': 'str', 'n_experts': 'int', 'epochs': 'int', 'batch': 'int | None', 'lr': 'float',
+                'seed': 'int', 'steps_per_epoch': 'int | None'}
+DATA_KNOBS = {'max_train_per_class': 'int | None'}
+CHOICES = {'experts.kind': ('plain', 'flat')}
+# SeqMatch reads its own knobs from a plain dict beside TMConfig's (nbs/07g_seqmatch): their types
+SEQMATCH_TYPES = {'n_subsets': 'int', 'subset_ipcs': 'list | None', 'warm_epochs': 'int',
+                  'stage_experts': 'int | None', 'stage_expert_epochs': 'int | None'}
+# ranges by the knob's name, first match wins (the methods' own checks run after these and know more):
+# pattern: (low, low included, high, high included)
+_UP, _BELOW_1, _TO_1 = (None, False), (1, False), (1, True)
+RANGES = (('*momentum', 0, True, *_BELOW_1), ('ema_decay', 0, True, *_BELOW_1),
+          ('backend_p', 0, True, *_TO_1), ('prune_fraction', 0, True, *_BELOW_1),
+          ('halluc_share', 0, True, *_TO_1), ('lr*', 0, False, *_UP),
+          ('temperature', 0, False, *_UP), ('n_hallucinators', 2, True, *_UP), ('snapshots', 0, True, *_UP),
+          ('retrain_k', 0, True, *_UP), ('warm_epochs', 0, True, *_UP), ('min_start_epoch', 0, True, *_UP),
+          ('beta_*', 0, True, *_UP), ('lambda_*', 0, True, *_UP), ('*_weight', 0, True, *_UP),
+          ('max_match_loss', 0, True, *_UP), ('label_epoch', -1, True, *_UP), ('iterations', 1, True, *_UP),
+          ('syn_steps', 1, True, *_UP), ('*epochs', 1, True, *_UP), ('*epoch', 1, True, *_UP),
+          ('*experts', 1, True, *_UP), ('nets', 1, True, *_UP), ('batch*', 1, True, *_UP),
+          ('*_every', 1, True, *_UP), ('*_per_*', 1, True, *_UP), ('width', 1, True, *_UP),
+          ('depth', 1, True, *_UP), ('n_subsets', 1, True, *_UP), ('window', 1, True, *_UP),
+          ('max_outer', 1, True, *_UP), ('max_inner', 1, True, *_UP), ('kernel', 1, True, *_UP))
+_KIND_TEXT = {'int': 'an integer', 'float': 'a finite number', 'str': 'a string', 'bool': 'true or false',
+              'list': 'a list', 'dict': 'a mapping', 'None': 'null'}
+_ANNOTATION_KINDS = {'int': 'int', 'float': 'float', 'str': 'str', 'bool': 'bool', 'None': 'None',
+                     'NoneType': 'None', 'list': 'list', 'tuple': 'list', 'List': 'list', 'Tuple': 'list',
+                     'Sequence': 'list', 'dict': 'dict', 'Dict': 'dict', 'Mapping': 'dict'}
+
+def _kind_of(value) -> str:
+    "The annotation a preset's value stands for (None: 'any', the preset does not say)."
+    for kind, types in (('bool', bool), ('int', int), ('float', float), ('str', str), ('list', (list, tuple)),
+                        ('dict', dict)):
+        if isinstance(value, types): return kind
+    return 'any'
+
+def _kinds(annotation) -> set | None:
+    "The kinds of value an annotation ('int', 'float | None', 'float | str | None', ...) takes; None: any."
+    if annotation is None or annotation == 'any' or annotation is dataclasses.MISSING: return None
+    text = (annotation if isinstance(annotation, str)
+            else getattr(annotation, '__name__', None) or str(annotation))
+    out = set()
+    for part in text.replace('Optional[', '').split('|'):
+        kind = _ANNOTATION_KINDS.get(part.strip().split('[')[0].strip(' ]'))
+        if kind is None: return None          # a class this check does not know: the method's check decides
+        out.add(kind)
+    return out
+
+def _is(value, kind: str) -> bool:
+    if kind == 'bool': return isinstance(value, bool)
+    if kind == 'int': return isinstance(value, int) and not isinstance(value, bool)
+    if kind == 'float': return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == 'str': return isinstance(value, str)
+    if kind == 'None': return value is None
+    if kind == 'list': return isinstance(value, (list, tuple))
+    return isinstance(value, dict)
+
+def _finite(value) -> bool:
+    "No NaN or infinity in `value` (a number, or the numbers in its lists and mappings)."
+    if isinstance(value, float): return math.isfinite(value)
+    if isinstance(value, (list, tuple)): return all(map(_finite, value))
+    if isinstance(value, dict): return all(map(_finite, value.values()))
+    return True
+
+def _range(key: str):
+    name = key.rpartition('.')[2]
+    return next((r[1:] for r in RANGES if fnmatch.fnmatchcase(name, r[0])), None)
+
+def _range_text(r) -> str:
+    lo, lo_in, hi, hi_in = r
+    if hi is None: return f'{">=" if lo_in else ">"} {lo}'
+    return f'in {"[" if lo_in else "("}{lo}, {hi}{"]" if hi_in else ")"}'
+
+def _in_range(value, r) -> bool:
+    lo, lo_in, hi, hi_in = r
+    return (value >= lo if lo_in else value > lo) and (hi is None or (value <= hi if hi_in else value < hi))
+
+def _fields(cls, skip=()) -> dict:
+    return {f.name: f.type for f in dataclasses.fields(cls) if f.name not in skip}
+
+def method_knobs(method: str, row: dict | None = None) -> dict | None:
+    """{knob: annotation} of a registered method: the fields of the dataclasses that hold its knobs, else the
+    types of its resolved row `row` (a method that reads a plain dict); None when neither says (any knob
+    goes)."""
+    from ptm_nb.distill import TMConfig, TM_HOOKS
+    from ptm_nb.baselines import cafe, dm, gm, haba, seqmatch
+    assert set(SEQMATCH_TYPES) == set(seqmatch.SEQMATCH_KNOBS), 'SEQMATCH_TYPES is out of step with SeqMatch'
+    classes = {'dc': [gm.GMConfig], 'dsa': [gm.GMConfig], 'dm': [dm.DMConfig], 'cafe': [cafe.CAFEConfig]}
+    if method in TM_HOOKS: return {k: v for c in (TMConfig, *TM_HOOKS[method]) for k, v in _fields(c).items()}
+    if method == 'haba': return {**_fields(TMConfig), **_fields(haba.HaBaConfig, skip=('tm',))}
+    if method == 'seqmatch': return {**_fields(TMConfig), **SEQMATCH_TYPES}
+    if method in classes: return {k: v for c in classes[method] for k, v in _fields(c).items()}
+    return {k: _kind_of(v) for k, v in row.items()} if row else None
+
+def _net_knobs(net: str) -> dict:
+    "{'net_options.<option>': annotation} of network `net` (its constructor's annotations, else defaults')."
+    import inspect
+    from ptm_nb.nets import NETS, net_options
+    params = inspect.signature(NETS[net]).parameters
+    return {f'net_options.{k}': (params[k].annotation if params[k].annotation is not inspect.Parameter.empty
+                                 else _kind_of(v)) for k, v in net_options(net).items()}
+
+def override_keys(cfg: dict, net: str | None = None) -> dict:
+    """{key: annotation} of every override a resolved config `cfg` (before its overrides) takes, for the
+    network `net` (default: the config's); method knobs under their own names; a None key where any knob
+    goes."""
+    knobs = method_knobs(cfg['method'], cfg['hp'])
+    evals = {**dict.fromkeys(EVAL_KNOBS), **cfg['eval']}
+    keys = {**(knobs or {}), **{f'eval.{k}': EVAL_KNOBS.get(k) or _kind_of(v) for k, v in evals.items()},
+            **({f'experts.{k}': v for k, v in EXPERT_KNOBS.items()} if cfg['experts'] else {}),
+            'net': 'str', **_net_knobs(net or cfg['net']), **{f'data.{k}': v for k, v in DATA_KNOBS.items()}}
+    return keys if knobs is not None else {**keys, None: None}
+
+def _unknown(key: str, cfg: dict, keys: dict) -> str:
+    "Why `key` is not an override of `cfg`, with the close names and the known ones."
+    head, _, tail = key.partition('.')
+    if key in TOP_FIELDS:
+        return (f'override {key!r}: the {key} is the run\'s own field, not an override: use '
+                f'{TOP_FIELDS[key]} (RunSpec.{key})')
+    if head in ('eval', 'net_options', 'data', 'experts') and not tail:
+        return f'override {key!r}: set one field at a time, as {head}.<name>=value'
+    if head == 'experts' and not cfg['experts']:
+        return f'override {key!r}: {cfg["method"]} trains no experts (only trajectory-matching methods do)'
+    known = sorted(k for k in keys if k is not None)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    return (f'override {key!r}: not a knob of {cfg["method"]}'
+            + (f' (did you mean {" or ".join(close)}?)' if close else '') + f'; known: {", ".join(known)}')
+
+def _form(key: str, annotation) -> str:
+    "The form a knob's value takes, in words: 'an integer >= 1', 'a finite number > 0 or null', ..."
+    kinds, r = _kinds(annotation), _range(key)
+    if kinds is None: return 'a value without NaN or infinity'
+    order = [k for k in ('int', 'float', 'bool', 'str', 'list', 'dict', 'None') if k in kinds]
+    if 'int' in order and 'float' in order: order.remove('int')
+    words = [_KIND_TEXT[k] + (f' {_range_text(r)}' if r and k in ('int', 'float') else '') for k in order]
+    words = [f'{w} ({" | ".join(map(repr, CHOICES[key]))})' if k == 'str' and key in CHOICES else w
+             for k, w in zip(order, words)]
+    return ', '.join(words[:-1]) + (' or ' if len(words) > 1 else '') + words[-1]
+
+def _preset_value(cfg: dict, key: str):
+    head, _, tail = key.partition('.')
+    if key == 'net': return cfg['net']
+    if tail and isinstance(cfg.get(head), dict): return cfg[head].get(tail)
+    return None if tail else cfg['hp'].get(key)
+
+def check_value(key: str, value, annotation, preset=None):
+    "A ValueError naming `key` and the form it takes when `value` is not of that form (`preset`: an example)."
+    kinds, r = _kinds(annotation), _range(key)
+    ok = _finite(value) and (kinds is None or any(_is(value, k) for k in kinds)
+                             or (value is None and preset is None))    # null where the preset has null
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and number and r is not None: ok = _in_range(value, r)
+    if ok and key in CHOICES and isinstance(value, str): ok = value in CHOICES[key]
+    if ok and key == 'net':
+        from ptm_nb.nets import NETS
+        if value not in NETS:
+            raise ValueError(f'override net={value!r}: not a network of ptm_nb.nets; choose one of '
+                             f'{", ".join(sorted(NETS))}')
+    if not ok:
+        example = f' (e.g. {key}={preset!r}, the preset\'s value)' if preset is not None else ''
+        raise ValueError(f'override {key}={value!r}: {key} takes {_form(key, annotation)}{example}')
+
+def check_overrides(cfg: dict, overrides: dict):
+    """Check `overrides` against a resolved config `cfg` (before the overrides are laid over it): every key is
+    one the config has, every value of the form its key takes. A ValueError names the first bad key."""
+    net = overrides.get('net', cfg['net'])
+    if 'net' in overrides: check_value('net', net, 'str', cfg['net'])
+    keys = override_keys(cfg, net)
+    for key, value in overrides.items():
+        if not isinstance(key, str): raise ValueError(f'override {key!r}: keys are strings (eval.epochs)')
+        head, _, tail = key.partition('.')
+        known = key in keys and not (head == 'experts' and not cfg['experts'])
+        free = None in keys and not tail and key not in TOP_FIELDS and head not in ('eval', 'experts',
+                                                                                   'net_options', 'data')
+        if not (known or free): raise ValueError(_unknown(key, cfg, keys))
+        if value is None and not tail and key not in cfg['hp']: continue     # null: the method's default
+        check_value(key, value, keys.get(key), _preset_value(cfg, key))
+
+def method_config(method: str, hp: dict):
+    """The config objects method `method` builds from its resolved knobs `hp` (no data, no experts), so that
+    their own checks run: (TMConfig, hooks) for trajectory matching, else the method's config class (None: a
+    method that reads a plain dict). Raises what they raise."""
+    from ptm_nb.distill import TM_HOOKS, TMConfig, tm_parts, check_hooks
+    from ptm_nb.augment import DSAConfig
+    from ptm_nb.baselines import cafe, datm, dm, gm, haba, seqmatch
+    hp = {k: v for k, v in hp.items() if k not in ('net', 'net_options')}
+    def tm(cfg, hooks=()):
+        check_hooks(cfg, hooks)
+        if cfg.dsa not in ('', 'none'): DSAConfig(strategy=cfg.dsa)
+        return cfg, list(hooks)
+    if method == 'datm': return tm(*datm.datm_config(hp)[:2])
+    if method in TM_HOOKS: return tm(*tm_parts(method, hp)[:2])
+    if method == 'haba': c = haba.HaBaConfig.from_hp(hp); tm(c.tm); return c
+    if method == 'seqmatch':
+        return tm(TMConfig(**{k: v for k, v in hp.items() if k not in seqmatch.SEQMATCH_KNOBS}))
+    if method in ('dc', 'dsa'): return gm.config_from_hp(gm.GMConfig, hp, method)
+    if method == 'dm': return gm.config_from_hp(dm.DMConfig, hp, 'dm')
+    if method == 'cafe': return cafe.CAFEConfig.from_hp(hp)
+    return None
+
+def check_config(cfg: dict):
+    "Build what a resolved config asks for, without data or experts: the method's config, the net's options."
+    from ptm_nb.nets import net_options
+    try:
+        method_config(cfg['method'], cfg['hp'])
+        if cfg['method'] == 'seqmatch':                  # its subsets must add up to the run's ipc
+            from ptm_nb.baselines.seqmatch import split_ipc
+            split_ipc(cfg['ipc'], cfg['hp'].get('n_subsets') or 2, cfg['hp'].get('subset_ipcs'))
+        known = net_options(cfg['net'])
+        if unknown := sorted(set(cfg['net_options']) - set(known)):
+            raise ValueError(f'{cfg["net"]}: unknown options {unknown}; its options are {sorted(known)}')
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'{cfg["method"]} on {cfg["dataset"]}: {" ".join(str(e).split())}') from None
+
 # %% ../nbs/08_runs.ipynb #f945f12a
 @dataclass
 class RunSpec:
-    "What to run. `overrides` replace resolved hyper-parameters (method knobs, or 'eval.epochs', 'experts.n_experts', ...)."
+    """What to run. `overrides` replace resolved hyper-parameters (method knobs, or 'eval.epochs',
+    'experts.n_experts', ...); `resolve` checks them first (`check_overrides`, `check_config`)."""
     method: str
     dataset: str
     ipc: int
@@ -109,15 +362,21 @@ class RunSpec:
                'eval': dict(scale['eval']), 'hp': knobs}
         if scale.get('max_train_per_class'):     # a smoke cap on the training images (absent from other scales' ids)
             cfg['data'] = {'max_train_per_class': int(scale['max_train_per_class'])}
+        check_overrides(cfg, self.overrides)             # unknown keys, bad values: an error before any work
         for key, value in self.overrides.items():        # 'eval.epochs' → cfg['eval']['epochs']; else a method knob
             head, _, tail = key.partition('.')
-            if tail and isinstance(cfg.get(head), dict): cfg[head][tail] = value
+            if tail:
+                if not isinstance(cfg.get(head), dict):
+                    if value is None: continue                  # null for a section the preset leaves out
+                    cfg[head] = {}                              # data.max_train_per_class, no cap before
+                cfg[head][tail] = value
             elif key in ('net',): cfg[key] = value
             elif value is None and key not in cfg['hp']: continue   # null for a knob the preset leaves out: its default
             else: cfg['hp'][key] = value
         # PTM's last stage is the end of the trajectory: max_target_epoch null = the experts' last epoch
         if cfg['experts'] and 'max_target_epoch' in cfg['hp'] and cfg['hp']['max_target_epoch'] is None:
             cfg['hp']['max_target_epoch'] = cfg['experts']['epochs']
+        if self.overrides: check_config(cfg)             # the method's own checks, on the whole row
         return cfg
 
 def run_id(cfg: dict) -> str:
@@ -159,51 +418,90 @@ def experts_for(ds, cfg: dict, root, device: str, progress: bool = True):
     ecfg, root = expert_config(cfg, device, len(ds.train_y)), Path(root) / 'experts'
     # one lock per buffer: runs that need the same experts take turns (the second reads what the first trained),
     # while runs on other buffers (another dataset, FTD's flat experts) train theirs at the same time
-    with file_lock(root / f'{expert_folder(ds, ecfg, root).name}.lock'):
+    name = expert_folder(ds, ecfg, root).name
+    with file_lock(root / f'{name}.lock', waiting=f'expert buffer {name} (another process is training it)'):
         return generate_experts(ds, ecfg, root, progress=progress)
+
+BOOKKEEPING = ('config.json', 'digests.json', '.lock', '.digests.lock')   # a run folder before any result
+
+def read_finished(path, cfg: dict | None = None) -> RunResult | None:
+    """The finished run in folder `path`, read without its lock and without writing anything (a read-only copy
+    of the outputs reads); None when it is not finished, holds another config than `cfg`, or a file of it is
+    damaged (`run` then sets the file aside under the lock and does its work again)."""
+    path = Path(path)
+    if not all((path / n).is_file() for n in ('config.json', 'eval.json', 'synset.pt')): return None
+    try:
+        same = json.loads(json.dumps(cfg, sort_keys=True, default=str)) if cfg is not None else None
+        if cfg is not None and read_json(path / 'config.json') != same: return None
+        done = read_json(path / 'eval.json')
+        if not isinstance(done, dict): return None
+        synset = SyntheticSet.load(path / 'synset.pt')
+    except CorruptFile: return None
+    return RunResult(RunFolder(path), synset, done)
+
+def _drop_if_empty(path: Path) -> bool:
+    "Remove the run folder `path` when it holds no result yet, only what a run writes first (`BOOKKEEPING`)."
+    try:
+        if path.is_dir() and set(os.listdir(path)) <= set(BOOKKEEPING): shutil.rmtree(path); return True
+    except OSError: pass
+    return False
 
 def run(spec: RunSpec, root='outputs', data_root=None, progress: bool = True, hparams: dict | None = None,
         dataset=None) -> RunResult:
-    """Distill and evaluate `spec` in `root/runs/<run id>/`; a finished run is read back, a stopped one resumes.
-    Two processes asking for the same run take turns (a lock on the folder): the second reads the first's
-    result. An unfinished run keeps the sha256 of every file it writes from then on
-    (`ptm_nb.io.track_digests`) and its readers check them; a finished record from before digests were kept is
-    read as it is."""
+    """Distill and evaluate `spec` in `root/runs/<run id>/`; a finished run is read back, a stopped one
+    resumes. Nothing is written before the overrides are checked (`RunSpec.resolve`), the device is found
+    (`resolve_device`) and the data is loaded. A finished run is read without the folder's lock, so a
+    read-only copy of the outputs reads back (`read_finished`). Two processes asking for the same run take
+    turns (a lock on the folder; the one that waits says so in one line): the second reads the first's
+    result. A run that fails before its first result leaves no folder behind. An unfinished run keeps the
+    sha256 of every file it writes from then on (`ptm_nb.io.track_digests`) and its readers check them; a
+    finished record from before digests were kept is read as it is."""
     cfg = spec.resolve(hparams)
+    device = resolve_device(spec.device)
     path = Path(root) / 'runs' / run_id(cfg)
+    if (done := read_finished(path, cfg)) is not None: return done
+    ds = dataset if dataset is not None else load_dataset(cfg['dataset'], root=data_root)
+    ds = limit_train(ds, (cfg.get('data') or {}).get('max_train_per_class'))
+    waiting = f'run {path.name} (another process is computing it; then it is read back)'
+    with file_lock(path / '.lock', waiting=waiting):
+        try: return _compute(cfg, path, ds, root, device, progress)
+        except BaseException:
+            _drop_if_empty(path)     # failed before its first result (experts, the method's first steps)
+            raise
+
+def _compute(cfg, path, ds, root, device, progress) -> RunResult:
+    "The run in `path`, under its lock: read back, or distilled (resumed) and evaluated."
     if not (path / 'eval.json').exists(): track_digests(path)     # a finished record gets no digests.json
     folder = RunFolder(path, cfg)
-    with file_lock(folder.path / '.lock'):
-        done = folder.load_eval()
-        if done is not None and folder.load_synset() is not None:
-            return RunResult(folder, folder.load_synset(), done)
-        device = resolve_device(spec.device)
-        ds = dataset if dataset is not None else load_dataset(cfg['dataset'], root=data_root)
-        ds = limit_train(ds, (cfg.get('data') or {}).get('max_train_per_class'))
-        method = get_method(cfg['method'])
-        synset = folder.load_synset()
-        if synset is None:
-            experts = None
-            if method.experts:
-                experts = experts_for(ds, cfg, root, device, progress)
-            hp = {**cfg['hp'], 'net': cfg['net'], 'net_options': cfg['net_options']}   # every method distils for the eval net
-            synset = method.fn(ds, cfg['ipc'], hp, experts, cfg['seed'], device, folder, progress)
-            synset.provenance.update({'method': cfg['method'], 'dataset': cfg['dataset'], 'run': folder.path.name})
-            folder.save_synset(synset)
-            from ptm_nb.picture import write_synset_png     # synset.png beside it; a failure only warns
-            write_synset_png(folder.path / 'synset.png', synset, ds)
-        ev = cfg['eval']
-        res = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, net=cfg['net'],
-                              net_options=cfg['net_options'], lr=synset.lr if method.learned_lr else 0.01,
-                              epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=device, n_classes=ds.n_classes,
-                              checkpoint=folder.path / 'eval_checkpoint.pt',   # a killed evaluation resumes
-                              val=(ds.val_x, ds.val_y) if len(ds.val_y) else None)   # tuning reads val only
-        result = {'acc_mean': res.mean, 'acc_std': res.std, 'accs': list(res.accs), 'auc_mean': res.auc_mean,
-                  'auc_std': res.auc_std, 'bal_acc_mean': res.bal_acc_mean, 'bal_acc_std': res.bal_acc_std,
-                  'lr': synset.lr if method.learned_lr else 0.01, 'nets': ev['nets'], 'epochs': ev['epochs'],
-                  'reported_at': 'final epoch', 'device': device, **res.val_dict()}
-        folder.save_eval(result)
-        return RunResult(folder, synset, result)
+    done = folder.load_eval()
+    if done is not None and folder.load_synset() is not None:
+        return RunResult(folder, folder.load_synset(), done)
+    method = get_method(cfg['method'])
+    synset = folder.load_synset()
+    if synset is None:
+        experts = None
+        if method.experts:
+            experts = experts_for(ds, cfg, root, device, progress)
+        hp = {**cfg['hp'], 'net': cfg['net'], 'net_options': cfg['net_options']}   # for the eval net
+        synset = method.fn(ds, cfg['ipc'], hp, experts, cfg['seed'], device, folder, progress)
+        synset.provenance.update({'method': cfg['method'], 'dataset': cfg['dataset'],
+                                  'run': folder.path.name})
+        folder.save_synset(synset)
+        from ptm_nb.picture import write_synset_png     # synset.png beside it; a failure only warns
+        write_synset_png(folder.path / 'synset.png', synset, ds)
+    ev = cfg['eval']
+    res = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, net=cfg['net'],
+                          net_options=cfg['net_options'], lr=synset.lr if method.learned_lr else 0.01,
+                          epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=device,
+                          n_classes=ds.n_classes,
+                          checkpoint=folder.path / 'eval_checkpoint.pt',   # a killed evaluation resumes
+                          val=(ds.val_x, ds.val_y) if len(ds.val_y) else None)   # tuning reads val only
+    result = {'acc_mean': res.mean, 'acc_std': res.std, 'accs': list(res.accs), 'auc_mean': res.auc_mean,
+              'auc_std': res.auc_std, 'bal_acc_mean': res.bal_acc_mean, 'bal_acc_std': res.bal_acc_std,
+              'lr': synset.lr if method.learned_lr else 0.01, 'nets': ev['nets'], 'epochs': ev['epochs'],
+              'reported_at': 'final epoch', 'device': device, **res.val_dict()}
+    folder.save_eval(result)
+    return RunResult(folder, synset, result)
 
 # %% ../nbs/08_runs.ipynb #9d6954e1
 def results_table(root='outputs'):
