@@ -282,9 +282,9 @@ def _run_config(result) -> dict:
 def evaluation_net(result, ds, device='cpu', epochs: int | None = None):
     """Evaluation net 0 of run `result` on dataset `ds`, trained under the run's protocol: (module in eval
     mode, EvalResult)."""
-    from ptm_nb.distill import get_method
+    from ptm_nb.runs import eval_lr
     cfg, synset = _run_config(result), result.synset
-    lr = synset.lr if get_method(cfg['method']).learned_lr else 0.01
+    lr = eval_lr(cfg['method'], synset)
     ev = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, net=cfg['net'],
                          net_options=cfg['net_options'], lr=lr, epochs=int(epochs or cfg['eval']['epochs']),
                          K=1, seed=cfg['seed'], device=device, n_classes=ds.n_classes, keep_params=True,

@@ -8,8 +8,9 @@ import argparse, errno, json, os, sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['FAMILIES', 'MEDMNIST_RECORD', 'DEVICE_HELP', 'OS_FIXES', 'render_readme', 'method_family', 'methods_lines',
-           'no_data_message', 'build_parser', 'os_error_message', 'main']
+__all__ = ['FAMILIES', 'MEDMNIST_RECORD', 'DEVICE_HELP', 'SCALES', 'DATA_ROOT_HELP', 'OUT_HELP', 'RUN_ROOT_HELP',
+           'SCHEDULER_HELP', 'OS_FIXES', 'render_readme', 'method_family', 'methods_lines', 'no_data_message',
+           'build_parser', 'os_error_message', 'main']
 
 # %% ../nbs/10_cli.ipynb #5dc7794c
 def render_readme(nb_path='nbs/index.ipynb') -> str:
@@ -48,7 +49,8 @@ MEDMNIST_RECORD = 'https://zenodo.org/records/10519652'
 def no_data_message(root=None) -> str:
     "What `datasets` looked for under the data root, and how to get data, for when it found nothing."
     import textwrap
-    from ptm_nb.data import dataset_report, data_root
+    from ptm_nb.data import dataset_report
+    from ptm_nb.manifest import data_root
     root = data_root(root)
     wanted = dataset_report(root, include_absent=True)['source']
     names = [os.path.relpath(p, root) + ('' if p.endswith('.npz') else '/') for p in wanted]
@@ -100,24 +102,64 @@ def _parse_sets(pairs) -> dict:
         out[key.strip()] = parse_set_value(value)
     return out
 
+def _one_line(e) -> str: return ' '.join(str(e).split())
+
+def _commas(values) -> str: return ','.join(map(str, values))
+
+def _on_grid(tasks: dict, root, args, workers: int | None = None) -> bool:
+    """Execute `tasks` (`ptm_nb.grid.run_grid`) on the Dask cluster at `args.scheduler`, else on the
+    embedded one of `workers` processes; False, each failed task named on stderr with its last line, when one
+    failed."""
+    from ptm_nb.grid import run_grid
+    result = run_grid(tasks, root, scheduler=args.scheduler, workers=workers, data_root=args.data_root,
+                      progress=not args.no_progress)
+    for key, trace in result.failed.items():
+        last = (trace.strip().splitlines() or [''])[-1]
+        print(f'ptm-nb {args.command}: error: task {key} failed: {_one_line(last)}', file=sys.stderr)
+    return not result.failed
+
 def _cmd_distill(args) -> int:
     from ptm_nb.runs import RunSpec, run
     from ptm_nb.report import outputs_root
-    spec = RunSpec(args.method, args.dataset, args.ipc, args.scale, args.seed, args.device, args.net, _parse_sets(args.set))
+    spec = RunSpec(args.method, args.dataset, args.ipc, args.scale, args.seed, args.device, args.net,
+                   _parse_sets(args.set))
     root = args.root or outputs_root() / args.scale
+    if args.scheduler:          # the run and its buffer as tasks on that cluster (`ptm_nb.grid`), read back
+        from ptm_nb.grid import plan
+        if not _on_grid(plan([spec], root, data_root=args.data_root), root, args): return 1
     res = run(spec, root=root, data_root=args.data_root, progress=not args.no_progress)   # errors: see `main`
     e = res.eval
-    print(f"{args.method} on {args.dataset}, ipc {args.ipc}, scale {args.scale}: acc {100 * e['acc_mean']:.2f} ± "
-          f"{100 * e['acc_std']:.2f} % over {e['nets']} nets ({e['epochs']} epochs, final epoch), "
-          f"AUC {e['auc_mean']:.3f}, balanced acc {100 * e['bal_acc_mean']:.2f} %, lr {e['lr']:.4g}")
+    print(f"{args.method} on {args.dataset}, ipc {args.ipc}, scale {args.scale}: acc "
+          f"{100 * e['acc_mean']:.2f} ± {100 * e['acc_std']:.2f} % over {e['nets']} nets ({e['epochs']} "
+          f"epochs, final epoch), AUC {e['auc_mean']:.3f}, balanced acc {100 * e['bal_acc_mean']:.2f} %, "
+          f"lr {e['lr']:.4g}")
     print(f'wrote {res.folder.path} (config.json, metrics.jsonl, synset.pt, eval.json)')
     png = res.folder.path / 'synset.png'
-    print(f'picture of the set: {png}' if png.exists() else f'no picture at {png} (drawing it failed: see the '
-          f'warning above; or the run was read back from before runs drew one)')
+    print(f'picture of the set: {png}' if png.exists() else f'no picture at {png} (drawing it failed: see '
+          f'the warning above; or the run was read back from before runs drew one)')
     print(res.result_line())
     return 0
 
-def _one_line(e) -> str: return ' '.join(str(e).split())
+def _cmd_experts(args) -> int:
+    """The expert buffers of a scale's trajectory-matching runs on a dataset (`ptm_nb.runs.expert_buffers`),
+    trained as a task graph of experts only, on the cluster of --scheduler or --workers; their folders, then
+    one line `RESULT experts=<folder> n=<experts> epochs=<epochs>` (comma-separated, one item per buffer,
+    when there are several)."""
+    from ptm_nb.runs import expert_buffers, resolve_device
+    from ptm_nb.grid import Task
+    from ptm_nb.report import outputs_root
+    root = args.root or outputs_root() / args.scale
+    buffers = expert_buffers(args.dataset, args.scale, args.net, args.kind, root, args.ipc, args.device,
+                             data_root=args.data_root)                     # errors: see `main`
+    device = resolve_device(args.device)
+    tasks = {f.name: Task('experts', f.name, spec, (), device) for f, (spec, _) in buffers.items()}
+    if not _on_grid(tasks, root, args, args.workers): return 1
+    for folder, (_, e) in buffers.items():
+        print(f'{folder}: {e.n_experts} {"flat" if e.flat else "plain"} experts × {e.epochs} epochs')
+    configs = [e for _, e in buffers.values()]
+    print(f'RESULT experts={_commas(buffers)} n={_commas(e.n_experts for e in configs)} '
+          f'epochs={_commas(e.epochs for e in configs)}')
+    return 0
 
 def _cmd_evaluate(args) -> int:
     from ptm_nb.evaluate import evaluate_set, record_path, write_record
@@ -157,12 +199,13 @@ def _cmd_reproduce(args) -> int:
                          ipcs=args.ipcs)                             # errors: see `main`
     root = outputs_root(args.out) / args.scale
     counts = {k: sum(s['status'] == k for s in statuses) for k in ('done', 'skipped', 'failed')}
-    print(f"{counts['done']} notebook(s) run, {counts['skipped']} skipped (finished before), {counts['failed']} failed; "
-          f'index: {root / "README.md"} (tables in {root / "tables"}, figures in {root / "figures"})')
+    print(f"{counts['done']} notebook(s) run, {counts['skipped']} skipped (finished before), "
+          f"{counts['failed']} failed; index: {root / 'README.md'} (tables in {root / 'tables'}, figures in "
+          f"{root / 'figures'})")
     failed = [s for s in statuses if s['status'] == 'failed']
     if failed:
-        print('ptm-nb reproduce: failed: ' + '; '.join(f"{s['notebook']} ({s['error']}; see {s['path']})" for s in failed),
-              file=sys.stderr)
+        print('ptm-nb reproduce: failed: ' + '; '.join(f"{s['notebook']} ({s['error']}; see {s['path']})"
+                                                       for s in failed), file=sys.stderr)
         return 1
     return 0
 
@@ -170,7 +213,8 @@ def _cmd_readme(args) -> int:
     text = render_readme(args.notebook)
     if args.check:
         same = Path(args.out).exists() and Path(args.out).read_text(encoding='utf-8') == text
-        if not same: print(f'{args.out} is out of step with {args.notebook}: run `ptm-nb readme`', file=sys.stderr)
+        if not same:
+            print(f'{args.out} is out of step with {args.notebook}: run `ptm-nb readme`', file=sys.stderr)
         return 0 if same else 1
     from ptm_nb.io import write_text_atomic
     write_text_atomic(args.out, text)
@@ -196,76 +240,118 @@ def _cmd_html(args) -> int:
 
 # %% ../nbs/10_cli.ipynb #c1efd920
 DEVICE_HELP = 'auto (CUDA when present), cpu, cuda, cuda:N or mps; checked before anything runs'
+SCALES = ['smoke', 'quick', 'paper']
+DATA_ROOT_HELP = "data root (default: $PTM_DATA_DIR, else medmnist's folder)"
+OUT_HELP = 'outputs folder (default: outputs/ of the repository or $PTM_OUTPUTS)'
+RUN_ROOT_HELP = 'where runs and experts are written (default: outputs/<scale>, shared with `reproduce`)'
+SCHEDULER_HELP = ('address of a running Dask scheduler (tcp://host:8786) to send {what} to (a cluster of '
+                  '`dask worker`s, or dask-jobqueue on SLURM)')
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='ptm-nb', description='Progressive trajectory matching for medical dataset distillation.')
-    from ptm_nb import __version__
-    p.add_argument('--version', action='version', version=f'ptm-nb {__version__}')
-    sub = p.add_subparsers(dest='command', required=True)
-    d = sub.add_parser('datasets', help='list the datasets found under the data root with their Table-1 statistics')
-    d.add_argument('names', nargs='*', help='dataset names (default: every manifest dataset present under the root)')
-    d.add_argument('--root', default=None, help='data root (default: $PTM_DATA_DIR, else medmnist\'s default folder)')
+def _cluster_args(p, what: str, here: str = 'this process'):
+    "--workers and --scheduler: where the task graph of `what` runs (`ptm_nb.grid.run_grid`)."
+    p.add_argument('--workers', type=int, default=None, help=f'processes of the embedded Dask LocalCluster '
+                   f'that computes {what} (default: $PTM_WORKERS, else one per core; 0: in {here})')
+    p.add_argument('--scheduler', default=None,
+                   help=SCHEDULER_HELP.format(what=what) + ' instead; $PTM_SCHEDULER')
+
+def _datasets_parser(sub):
+    d = sub.add_parser('datasets', help='list the datasets found under the data root with their Table-1 '
+                       'statistics')
+    d.add_argument('names', nargs='*', help='dataset names (default: every manifest dataset present under '
+                   'the root)')
+    d.add_argument('--root', default=None, help="data root (default: $PTM_DATA_DIR, else medmnist's default "
+                   'folder)')
     d.add_argument('--out', default=None, help='also write the table to this .csv or .md file')
     d.set_defaults(func=_cmd_datasets)
+
+def _distill_parser(sub):
     x = sub.add_parser('distill', help='distill a synthetic set with one method, then evaluate it')
     x.add_argument('--dataset', default='breastmnist', help='a manifest dataset name (default: breastmnist)')
     x.add_argument('--method', default='ptm', help='a registered method (ptm, mtt, ftd, random, ...)')
     x.add_argument('--ipc', type=int, default=2, help='images per class (default: 2)')
-    x.add_argument('--scale', default='smoke', choices=['smoke', 'quick', 'paper'], help='preset of hparams.yaml')
+    x.add_argument('--scale', default='smoke', choices=SCALES, help='preset of hparams.yaml')
     x.add_argument('--seed', type=int, default=0)
     x.add_argument('--device', default='auto', help=DEVICE_HELP)
     x.add_argument('--net', default='convnet', help='the network distilled for and evaluated on')
-    x.add_argument('--set', action='append', metavar='KEY=VALUE', help='override a hyper-parameter (repeatable), '
-                   'e.g. --set lr_img=10 --set eval.epochs=50')
-    x.add_argument('--root', default=None, help='where runs and experts are written (default: outputs/<scale>, '
-                   'shared with `reproduce`)')
-    x.add_argument('--data-root', default=None, help='data root (default: $PTM_DATA_DIR, else medmnist\'s folder)')
+    x.add_argument('--set', action='append', metavar='KEY=VALUE', help='override a hyper-parameter '
+                   '(repeatable), e.g. --set lr_img=10 --set eval.epochs=50')
+    x.add_argument('--root', default=None, help=RUN_ROOT_HELP)
+    x.add_argument('--data-root', default=None, help=DATA_ROOT_HELP)
+    x.add_argument('--scheduler', default=None, help=SCHEDULER_HELP.format(what='the run and its expert '
+                   'buffer') + ', then read the finished run back here (default: all in this process)')
     x.add_argument('--no-progress', action='store_true', help='no progress bars')
     x.set_defaults(func=_cmd_distill)
+
+def _experts_parser(sub):
+    x = sub.add_parser('experts', help="train the expert buffers that a scale's trajectory-matching runs on "
+                       'a dataset read, on their own (the task graph of `reproduce`, experts only)')
+    x.add_argument('--dataset', required=True, help='a manifest dataset name')
+    x.add_argument('--scale', default='smoke', choices=SCALES, help='preset of hparams.yaml')
+    x.add_argument('--net', default='convnet', help='the network the runs distill for (default: convnet)')
+    x.add_argument('--kind', default=None, choices=['plain', 'flat'], help="only the buffers of this kind "
+                   "(default: every kind the scale's runs read: at smoke plain and FTD's flat, at quick and "
+                   'paper flat)')
+    x.add_argument('--ipc', type=int, default=2, help="the runs' images per class (default: 2; it matters "
+                   "only where a scale's preset sets the experts per ipc)")
+    x.add_argument('--device', default='auto', help=DEVICE_HELP)
+    x.add_argument('--root', default=None, help=RUN_ROOT_HELP)
+    x.add_argument('--data-root', default=None, help=DATA_ROOT_HELP)
+    _cluster_args(x, 'the buffers')
+    x.add_argument('--no-progress', action='store_true', help='no progress bars')
+    x.set_defaults(func=_cmd_experts)
+
+def _evaluate_parser(sub):
     e = sub.add_parser('evaluate', help='evaluate any synthetic set under the protocol of a scale, as a run')
     e.add_argument('path', help='a synset.pt, an .npz (images, labels, optional lr), or a folder (or one '
                    'file) of images_<tag>.pt, labels_<tag>.pt and optional lr_<tag>.pt')
     e.add_argument('--dataset', default=None, help='the dataset the set was distilled from (default: the one '
                    'a synset.pt records)')
     e.add_argument('--net', default='convnet', help='the network trained on the set (default: convnet)')
-    e.add_argument('--scale', default='smoke', choices=['smoke', 'quick', 'paper'], help='whose eval preset '
-                   '(nets, epochs) and network options of hparams.yaml')
+    e.add_argument('--scale', default='smoke', choices=SCALES, help='whose eval preset (nets, epochs) and '
+                   'network options of hparams.yaml')
     e.add_argument('--seed', type=int, default=0, help='seed of the evaluation nets (a run: its own seed)')
     e.add_argument('--device', default='auto', help=DEVICE_HELP)
-    e.add_argument('--data-root', default=None, help='data root (default: $PTM_DATA_DIR, else medmnist\'s '
-                   'folder)')
+    e.add_argument('--data-root', default=None, help=DATA_ROOT_HELP)
     e.add_argument('--out', default=None, help='where the record goes (default: <file>.eval.json beside the '
                    'images)')
     e.set_defaults(func=_cmd_evaluate)
+
+def _listing_parsers(sub):
+    "`methods` and `results`: what is registered, what is finished."
     m = sub.add_parser('methods', help='the registered methods: name, family, experts needed, what it is')
     m.set_defaults(func=_cmd_methods)
     t = sub.add_parser('results', help='the table of finished runs')
     t.add_argument('--root', default=None, help='an outputs folder (default: outputs/, every scale)')
     t.set_defaults(func=_cmd_results)
-    b = sub.add_parser('reproduce', help='run the paper notebooks (tables and figures) through papermill, with resume')
-    b.add_argument('--scale', default='smoke', choices=['smoke', 'quick', 'paper'], help='preset of hparams.yaml')
-    b.add_argument('--only', default=None, help='comma-separated notebooks or prefixes, e.g. table2,fig5 (default: all)')
+
+def _reproduce_parser(sub):
+    b = sub.add_parser('reproduce', help='run the paper notebooks (tables and figures) through papermill, '
+                       'with resume')
+    b.add_argument('--scale', default='smoke', choices=SCALES, help='preset of hparams.yaml')
+    b.add_argument('--only', default=None, help='comma-separated notebooks or prefixes, e.g. table2,fig5 '
+                   '(default: all)')
     b.add_argument('--datasets', default=None, help='comma-separated datasets for every notebook, e.g. '
-                   'pathmnist,breastmnist (default: each notebook\'s preset; absent ones use their stand-ins)')
-    b.add_argument('--methods', default=None, help='comma-separated methods for the tables, e.g. random,mtt,ptm '
-                   '(default: each table\'s preset; the figures keep theirs)')
+                   "pathmnist,breastmnist (default: each notebook's preset; absent ones use their "
+                   'stand-ins)')
+    b.add_argument('--methods', default=None, help='comma-separated methods for the tables, e.g. '
+                   "random,mtt,ptm (default: each table's preset; the figures keep theirs)")
     b.add_argument('--ipcs', default=None, help='comma-separated images per class for the tables, e.g. 2 '
-                   '(default: each table\'s preset; the figures keep their single ipc)')
-    b.add_argument('--out', default=None, help='outputs folder (default: outputs/ of the repository or $PTM_OUTPUTS)')
-    b.add_argument('--data-root', default=None, help='data root (default: $PTM_DATA_DIR, else medmnist\'s folder)')
+                   "(default: each table's preset; the figures keep their single ipc)")
+    b.add_argument('--out', default=None, help=OUT_HELP)
+    b.add_argument('--data-root', default=None, help=DATA_ROOT_HELP)
     b.add_argument('--device', default='auto', help=DEVICE_HELP)
-    b.add_argument('--force', action='store_true', help='run notebooks again even when finished (runs are still reused)')
-    b.add_argument('--workers', type=int, default=None, help='processes of the embedded Dask LocalCluster that computes '
-                   'the runs (default: $PTM_WORKERS, else one per core; 0: in the notebook\'s own process)')
-    b.add_argument('--scheduler', default=None, help='address of a running Dask scheduler (tcp://host:8786) to send the '
-                   'runs to instead (a cluster of `dask worker`s, or dask-jobqueue on SLURM); $PTM_SCHEDULER')
+    b.add_argument('--force', action='store_true', help='run notebooks again even when finished (runs are '
+                   'still reused)')
+    _cluster_args(b, 'the runs', "the notebook's own process")
     b.add_argument('--no-progress', action='store_true', help='no progress bar')
     b.set_defaults(func=_cmd_reproduce)
+
+def _page_parsers(sub):
+    "`html` and `readme`: the pages made from notebooks."
     h = sub.add_parser('html', help='the executed paper notebooks of a scale as static HTML under '
                        'outputs/<scale>/html/, linked from its index page (nbconvert; nothing is re-run)')
-    h.add_argument('--scale', default='smoke', choices=['smoke', 'quick', 'paper'], help='whose notebooks')
-    h.add_argument('--out', default=None, help='outputs folder (default: outputs/ of the repository or '
-                   '$PTM_OUTPUTS)')
+    h.add_argument('--scale', default='smoke', choices=SCALES, help='whose notebooks')
+    h.add_argument('--out', default=None, help=OUT_HELP)
     h.add_argument('--force', action='store_true', help='render every page again, even one newer than its '
                    'notebook')
     h.set_defaults(func=_cmd_html)
@@ -274,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument('--out', default='README.md')
     r.add_argument('--check', action='store_true', help='exit 1 when README.md differs from the notebook')
     r.set_defaults(func=_cmd_readme)
+
+def build_parser() -> argparse.ArgumentParser:
+    "The `ptm-nb` command line: one subparser per subcommand, each declared by its `_<name>_parser`."
+    p = argparse.ArgumentParser(prog='ptm-nb', description='Progressive trajectory matching for medical '
+                                'dataset distillation.')
+    from ptm_nb import __version__
+    p.add_argument('--version', action='version', version=f'ptm-nb {__version__}')
+    sub = p.add_subparsers(dest='command', required=True)
+    for add in (_datasets_parser, _distill_parser, _experts_parser, _evaluate_parser, _listing_parsers,
+                _reproduce_parser, _page_parsers):
+        add(sub)
     return p
 
 # what to do about an OSError, by errno (PATH: the file or folder it names)
@@ -322,5 +419,5 @@ def main(argv=None) -> int:
     except OSError as e:
         say(os_error_message(e)); return 2
     except ValueError as e:          # DatasetError, SynsetError, CorruptFile, a bad --set: it says the fix
-        from ptm_nb.data import DatasetError
+        from ptm_nb.manifest import DatasetError
         say(str(e) if isinstance(e, DatasetError) else _one_line(e)); return 2

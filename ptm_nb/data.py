@@ -4,386 +4,24 @@
 
 # %% ../nbs/00_data.ipynb #c716f6fa
 from __future__ import annotations
-import copy, csv, difflib, fnmatch, hashlib, io, json, os, re, tempfile, warnings, zipfile
+import json, os, zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.request import urlopen, Request
 
 import numpy as np
 import torch
-import yaml
-# ptm_nb.picture still imports atomic_write from here (nbs/07h_picture.ipynb); it lives in ptm_nb.io
-from .io import atomic_write, file_digest, write_json_atomic
+from .manifest import (DatasetError, SPLITS, check_digest, data_root, dataset_meta, fetch_missing,
+    load_manifest, medmnist_file, medmnist_source, resolve_name)
+from .ingest import ingest_image_folder
 
 # %% auto #0
-__all__ = ['SPLITS', 'NPZ_KEYS', 'MEDMNIST_SIZES', 'KINDS', 'CACHE_FORMAT', 'DatasetError', 'data_root', 'cache_root',
-           'medmnist_info', 'medmnist_default_root', 'check_digest', 'fetch_url', 'project_manifest_path',
-           'load_manifest', 'resolve_name', 'medmnist_sizes', 'medmnist_file', 'medmnist_source', 'dataset_meta',
-           'npz_headers', 'check_npz_layout', 'read_labels', 'images_to_tensor', 'channel_mean_std', 'normalise_images',
-           'MedDataset', 'stratified_split', 'decode_image', 'ingest_image_folder', 'locate_npz', 'load_dataset',
-           'class_indices', 'real_per_class', 'limit_train', 'dataset_stats', 'dataset_present', 'dataset_report']
-
-# %% ../nbs/00_data.ipynb #fd43012a
-class DatasetError(ValueError):
-    "Bad or missing data. The message names the file, the field or value, and the fix."
-
-SPLITS = ('train', 'val', 'test')
-NPZ_KEYS = tuple(f'{s}_{k}' for s in SPLITS for k in ('images', 'labels'))  # the MedMNIST npz layout
-MEDMNIST_SIZES = (28, 64, 128, 224)   # 2D flags offer all four, 3D flags 28 and 64 (read from INFO)
-KINDS = ('medmnist', 'npz', 'image_folder')
-
-
-def data_root(root=None) -> Path:
-    "The data root: `root`, else env PTM_DATA_DIR, else medmnist's default root (~/.medmnist)."
-    if root is None: root = os.environ.get('PTM_DATA_DIR') or medmnist_default_root()
-    return Path(root).expanduser()
-
-def cache_root(cache_dir=None) -> Path:
-    "Where ingested image folders are cached: `cache_dir`, else env PTM_CACHE_DIR, else outputs/cache under the cwd."
-    if cache_dir is None: cache_dir = os.environ.get('PTM_CACHE_DIR') or Path('outputs') / 'cache'
-    return Path(cache_dir).expanduser().resolve()
-
-_INFO_MODULE = None
-
-def _medmnist_info_module():
-    "medmnist's info module, run on its own: `import medmnist` would also import its datasets, sklearn & co (seconds)."
-    global _INFO_MODULE
-    if _INFO_MODULE is None:
-        import importlib.util, sys
-        if 'medmnist.info' in sys.modules: _INFO_MODULE = sys.modules['medmnist.info']
-        else:
-            spec = importlib.util.find_spec('medmnist')
-            if spec is None:
-                raise DatasetError('the medmnist package is not installed; it gives the MedMNIST classes, md5s and urls. '
-                                   'Fix: pip install --no-deps medmnist==3.0.2 (bash setup.sh does)')
-            info_py = Path(list(spec.submodule_search_locations)[0]) / 'info.py'
-            module_spec = importlib.util.spec_from_file_location('_ptm_medmnist_info', info_py)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)   # like `import medmnist`, this creates ~/.medmnist
-            _INFO_MODULE = module
-    return _INFO_MODULE
-
-def medmnist_info() -> dict:
-    "medmnist.INFO (classes, channels, counts, urls and md5 per size of every flag), read on first use."
-    return _medmnist_info_module().INFO
-
-def medmnist_default_root() -> Path:
-    "The folder medmnist itself uses (`medmnist.info.DEFAULT_ROOT`, ~/.medmnist)."
-    root = getattr(_medmnist_info_module(), 'DEFAULT_ROOT', None)
-    return Path(root) if root else Path(os.path.expanduser('~')) / '.medmnist'
-
-# %% ../nbs/00_data.ipynb #66485656
-def check_digest(path, expected: str, algo: str, origin: str, fix: str):
-    "Raise DatasetError unless the file's digest is `expected`; a mismatching file is never used."
-    actual = file_digest(path, algo, memo=True)      # a data file is only read: hashed once per process
-    if actual != str(expected).lower():
-        raise DatasetError(f'{path}: {algo} is {actual}, but {origin} expects {expected}. The file is damaged, '
-                           f'incomplete or from another release, and was not used. Fix: {fix}')
-
-# %% ../nbs/00_data.ipynb #1d413d89
-class _Unreachable(Exception):
-    "The network could not deliver the file (offline, DNS, HTTP error, timeout)."
-
-def fetch_url(url: str, dest, algo: str, expected: str, timeout: float = 60) -> Path:
-    "Download `url` to `dest` atomically after checking its `algo` digest equals `expected`."
-    dest = Path(dest)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f'.{dest.name}.', suffix='.part')
-    except OSError as e:
-        raise DatasetError(f'{dest.name} is missing and cannot be downloaded: {dest.parent} is not writable ({e}). Fix: '
-                           f'choose a writable data root (root= or env PTM_DATA_DIR), or download {url}, check its '
-                           f'{algo}: {expected}, and put it at exactly {dest}') from e
-    h = hashlib.new(algo)
-    try:
-        with os.fdopen(fd, 'wb') as out:
-            try:
-                # a named client: some archives refuse Python's default User-Agent
-                with urlopen(Request(url, headers={'User-Agent': 'ptm_nb'}), timeout=timeout) as response:
-                    while block := response.read(1 << 20): h.update(block); out.write(block)
-            except (OSError, ValueError) as e: raise _Unreachable(f'{type(e).__name__}: {e}') from e
-        if h.hexdigest() != expected.lower():
-            raise DatasetError(f'{url} delivered a file whose {algo} is {h.hexdigest()}, not {expected}; it was not kept. '
-                               f'Fix: try again later, or download it by hand and put it at {dest}')
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-    return dest
-
-def _placement_error(path: Path, url, algo, digest, reason: str) -> DatasetError:
-    get = f'download {url}' if url else 'get the file from the source named in the manifest'
-    check = f'check its {algo}: {digest}' if digest else 'no checksum is recorded for it'
-    return DatasetError(f'{path.name} is missing and was not downloaded ({reason}). To place it by hand:\n'
-                        f'  1. {get}\n  2. {check}\n  3. put it at exactly {path}\n'
-                        f'(the data root is the root argument, else env PTM_DATA_DIR, else ~/.medmnist)')
-
-# %% ../nbs/00_data.ipynb #6a72ce48
-_COMMON_FIELDS = {'kind', 'title', 'table1', 'modality', 'source_url', 'mirror_url', 'original_source', 'licence',
-                  'citation', 'class_names', 'class_descriptions', 'channels', 'is_3d', 'image_shape', 'counts',
-                  'split', 'notes', 'task'}
-_KIND_FIELDS = {
-    'medmnist': {'flag', 'sizes', 'md5'},
-    'npz': {'file', 'sha256', 'md5', 'like', 'url'},
-    'image_folder': {'folder', 'layout', 'class_dirs', 'csv', 'image_dirs', 'id_column', 'label_column', 'extensions',
-                     'exclude', 'size', 'fit', 'on_unreadable', 'archive_sha256'}}
-_TOP_FIELDS = {'version', 'medmnist_generated', 'datasets'}
-_FOLDER_DEFAULTS = {'size': 112, 'fit': 'stretch', 'on_unreadable': 'skip', 'extensions': ['.png', '.jpg', '.jpeg'],
-                    'exclude': [], 'split': {'rule': 'stratified', 'seed': 0,
-                                             'ratios': {'train': 0.7, 'val': 0.1, 'test': 0.2}}}
-
-def project_manifest_path() -> Path:
-    "data_manifest.yaml at the repository root (beside ptm_nb/); from a notebook, the nearest one above the cwd."
-    try: return Path(__file__).resolve().parent.parent / 'data_manifest.yaml'
-    except NameError: pass   # inside the notebook itself
-    for d in [Path.cwd(), *Path.cwd().parents]:
-        if (d / 'data_manifest.yaml').exists(): return d / 'data_manifest.yaml'
-    return Path.cwd() / 'data_manifest.yaml'
-
-def _err(src, name, fld, problem, fix) -> DatasetError:
-    where = f'datasets.{name}' + (f'.{fld}' if fld else '')
-    return DatasetError(f'{src}: {where}: {problem}. Fix: {fix}')
-
-_YAML_CACHE: dict = {}
-
-def _read_yaml(path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f'manifest {path} does not exist. Fix: give an existing YAML file (manifest= or env PTM_MANIFEST)')
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _YAML_CACHE:
-        try: _YAML_CACHE[key] = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
-        except yaml.YAMLError as e:
-            raise DatasetError(f'{path}: not valid YAML ({e}). Fix: correct the syntax at the line shown') from e
-    return copy.deepcopy(_YAML_CACHE[key])
-
-def _check_top(raw, src) -> dict:
-    if not isinstance(raw, dict) or not isinstance(raw.get('datasets', {}), dict):
-        raise DatasetError(f'{src}: a manifest is a mapping with a `datasets:` mapping of name -> entry. '
-                           f'Fix: write `datasets:` then one indented entry per dataset')
-    unknown = set(raw) - _TOP_FIELDS
-    if unknown:
-        raise DatasetError(f'{src}: unknown top-level field(s) {sorted(unknown)}; allowed: {sorted(_TOP_FIELDS)}. '
-                           f'Fix: put dataset entries under `datasets:`')
-    for name, e in raw.get('datasets', {}).items():
-        if not isinstance(e, dict):
-            raise _err(src, name, None, f'an entry is a mapping of fields, got {type(e).__name__}',
-                       'write the fields (kind, ...) indented under the name')
-    return raw
-
-# %% ../nbs/00_data.ipynb #0a3f2d6a
-def _is_hex(s, n): return isinstance(s, str) and re.fullmatch(f'[0-9a-fA-F]{{{n}}}', s) is not None
-
-def _check_entry(name: str, e: dict, origin: dict) -> dict:
-    "Validate one merged entry; `origin` maps each field to the manifest file that set it (for the message)."
-    src = lambda f: origin.get(f, origin.get('kind', 'manifest'))
-    bad = lambda f, problem, fix: _err(src(f), name, f, problem, fix)
-    kind = e.get('kind')
-    if kind not in KINDS: raise bad('kind', f'kind is {kind!r}', f'use one of {", ".join(KINDS)}')
-    allowed = _COMMON_FIELDS | _KIND_FIELDS[kind]
-    for f in e:
-        if f not in allowed:
-            close = difflib.get_close_matches(f, sorted(allowed), n=1)
-            raise bad(f, f'unknown field for kind {kind}' + (f' (did you mean {close[0]!r}?)' if close else ''),
-                      f'use only {", ".join(sorted(allowed))}')
-    for f in ('title', 'table1', 'modality', 'source_url', 'mirror_url', 'original_source', 'licence', 'citation',
-              'notes', 'task', 'flag', 'file', 'like', 'url', 'folder', 'csv', 'id_column', 'label_column'):
-        if f in e and not isinstance(e[f], str): raise bad(f, f'must be text, got {e[f]!r}', 'quote the value')
-    names = e.get('class_names')
-    if names is not None:
-        if not (isinstance(names, list) and names and all(isinstance(c, str) and c for c in names)):
-            raise bad('class_names', f'must be a non-empty list of names, got {names!r}', 'write [name0, name1, ...]')
-        if len(set(names)) != len(names): raise bad('class_names', 'names repeat', 'give each class one distinct name')
-    if 'class_descriptions' in e and (not isinstance(e['class_descriptions'], list)
-                                      or names is None or len(e['class_descriptions']) != len(names)):
-        raise bad('class_descriptions', 'must be a list as long as class_names', 'one description per class, same order')
-    if 'channels' in e and e['channels'] not in (1, 3): raise bad('channels', f'is {e["channels"]!r}', 'use 1 (gray) or 3 (RGB)')
-    if 'is_3d' in e and not isinstance(e['is_3d'], bool): raise bad('is_3d', f'is {e["is_3d"]!r}', 'use true or false')
-    shp = e.get('image_shape')
-    if shp is not None and not (isinstance(shp, list) and len(shp) in (3, 4) and all(isinstance(v, int) and v > 0 for v in shp)):
-        raise bad('image_shape', f'is {shp!r}', 'write [C, H, W] (2D) or [C, D, H, W] (3D)')
-    counts = e.get('counts')
-    if counts is not None:
-        ok = isinstance(counts, dict) and set(counts) <= {'train', 'val', 'test', 'total', 'per_class'}
-        ok = ok and all(isinstance(v, int) and v >= 0 for k, v in counts.items() if k != 'per_class')
-        pc = counts.get('per_class') if ok else None
-        if pc is not None:
-            ok = isinstance(pc, dict) and all(isinstance(v, int) and v >= 0 for v in pc.values())
-            if ok and names is not None and set(pc) - set(names):
-                raise bad('counts', f'per_class names {sorted(set(pc) - set(names))} are not in class_names',
-                          'use the names of class_names')
-        if not ok: raise bad('counts', f'is {counts!r}', 'write {train: n, val: n, test: n} and/or {total: n, per_class: {name: n}}')
-    split = e.get('split')
-    if kind == 'image_folder':
-        if not isinstance(split, dict): raise bad('split', f'is {split!r}', 'write {rule: stratified, seed: 0, ratios: {train: 0.7, val: 0.1, test: 0.2}}')
-        if split.get('rule') != 'stratified': raise bad('split', f'rule is {split.get("rule")!r}', 'use rule: stratified')
-        if not isinstance(split.get('seed'), int): raise bad('split', f'seed is {split.get("seed")!r}', 'give an integer seed')
-        r = split.get('ratios')
-        if not (isinstance(r, dict) and set(r) == set(SPLITS) and all(isinstance(v, (int, float)) and v >= 0 for v in r.values())
-                and abs(sum(r.values()) - 1) < 1e-6):
-            raise bad('split', f'ratios are {r!r}', 'give train, val and test ratios that add up to 1, e.g. 0.7, 0.1, 0.2')
-        if set(split) - {'rule', 'seed', 'ratios', 'group'}: raise bad('split', f'unknown keys {sorted(set(split) - {"rule", "seed", "ratios", "group"})}', 'use rule, seed, ratios, group')
-    elif split is not None and not isinstance(split, (str, dict)): raise bad('split', f'is {split!r}', 'describe the split in words')
-    if kind == 'medmnist':
-        sizes = e.get('sizes')
-        if sizes is not None and not (isinstance(sizes, list) and sizes and set(sizes) <= set(MEDMNIST_SIZES)):
-            raise bad('sizes', f'is {sizes!r}', f'use sizes from {list(MEDMNIST_SIZES)}')
-        md5 = e.get('md5')
-        if md5 is not None and not (isinstance(md5, dict) and all(k in MEDMNIST_SIZES and _is_hex(v, 32) for k, v in md5.items())):
-            raise bad('md5', f'is {md5!r}', 'map each size to its 32-hex md5, e.g. {28: <md5>, 64: <md5>}')
-    if kind == 'npz':
-        if 'file' not in e: raise bad('file', 'is missing', 'give the npz path, relative to the data root or absolute')
-        if 'sha256' in e and not _is_hex(e['sha256'], 64): raise bad('sha256', f'is {e["sha256"]!r}', 'give the 64-hex sha256 (sha256sum FILE)')
-        if 'md5' in e and not _is_hex(e['md5'], 32): raise bad('md5', f'is {e["md5"]!r}', 'give the 32-hex md5 (md5sum FILE)')
-    if kind == 'image_folder':
-        for f in ('folder', 'class_names', 'channels'):
-            if e.get(f) is None: raise bad(f, 'is missing', f'an image_folder entry needs folder, layout, class_names and channels')
-        layout = e.get('layout')
-        if layout == 'class_folders':
-            cd = e.get('class_dirs')
-            if not (isinstance(cd, dict) and set(cd) == set(names) and all(isinstance(v, str) and v for v in cd.values())):
-                raise bad('class_dirs', f'is {cd!r}', f'map every class of class_names {names} to its folder (relative to `folder`)')
-        elif layout == 'csv':
-            for f in ('csv', 'id_column', 'label_column'):
-                if not e.get(f): raise bad(f, 'is missing', 'a csv layout needs csv, image_dirs, id_column and label_column')
-            if not (isinstance(e.get('image_dirs'), list) and e['image_dirs'] and all(isinstance(d, str) for d in e['image_dirs'])):
-                raise bad('image_dirs', f'is {e.get("image_dirs")!r}', 'list the folders (relative to `folder`) holding the images')
-        else: raise bad('layout', f'is {layout!r}', 'use class_folders (one folder per class) or csv (a label table)')
-        if not (isinstance(e['size'], int) and e['size'] > 0): raise bad('size', f'is {e["size"]!r}', 'give the side length in pixels, e.g. 112')
-        if e['fit'] not in ('stretch', 'center_crop'): raise bad('fit', f'is {e["fit"]!r}', 'use stretch or center_crop')
-        if e['on_unreadable'] not in ('skip', 'error'): raise bad('on_unreadable', f'is {e["on_unreadable"]!r}', 'use skip or error')
-        if not (isinstance(e['extensions'], list) and all(isinstance(x, str) and x.startswith('.') for x in e['extensions'])):
-            raise bad('extensions', f'is {e["extensions"]!r}', 'list extensions with their dot, e.g. [.png, .jpg]')
-        if not (isinstance(e['exclude'], list) and all(isinstance(x, str) for x in e['exclude'])):
-            raise bad('exclude', f'is {e["exclude"]!r}', "list file-name patterns, e.g. ['*_mask*']")
-    return e
-
-# %% ../nbs/00_data.ipynb #8be5fbd7
-def _generated_entries(spec: dict, src: str) -> dict:
-    "An entry for every flag of medmnist.INFO, from INFO plus the modality table of the manifest."
-    out = {}
-    for flag, info in medmnist_info().items():
-        out[flag] = {'kind': 'medmnist', 'flag': flag, 'title': info['python_class'],
-                     'modality': spec.get('modality', {}).get(flag, 'unknown'), 'licence': info['license'],
-                     'source_url': spec.get('source_url', 'https://medmnist.com'), 'citation': spec.get('citation', 'MedMNIST v2'),
-                     'split': spec.get('split', 'official MedMNIST split')}
-    return out
-
-def _merge(entries, origins, raw_datasets, src):
-    for name, e in raw_datasets.items():
-        if name in entries:
-            entries[name].update(e)
-            origins[name].update({f: src for f in e})
-        else:
-            entries[name] = dict(e)
-            origins[name] = {f: src for f in e}
-
-def load_manifest(manifest=None) -> dict:
-    "Every dataset entry: the project manifest, every medmnist.INFO flag, then the user manifest (arg or env PTM_MANIFEST)."
-    path = project_manifest_path()
-    raw = _check_top(_read_yaml(path), path) if path.exists() else {}
-    if not path.exists(): warnings.warn(f'{path} not found: only the MedMNIST flags of medmnist.INFO are known')
-    entries, origins = {}, {}
-    _merge(entries, origins, raw.get('datasets', {}), str(path))                  # Table-1 order first
-    gen = _generated_entries(raw.get('medmnist_generated', {}), 'medmnist.INFO')
-    _merge(entries, origins, {k: v for k, v in gen.items() if k not in entries}, 'medmnist.INFO')
-    user = manifest if manifest is not None else os.environ.get('PTM_MANIFEST')
-    if user is not None:
-        if isinstance(user, dict): usrc, uraw = '<manifest dict>', copy.deepcopy(user)
-        else: usrc, uraw = str(user), _read_yaml(user)
-        _merge(entries, origins, _check_top(uraw, usrc).get('datasets', {}), usrc)
-    for name, e in entries.items():
-        if e.get('kind') == 'image_folder':
-            for k, v in _FOLDER_DEFAULTS.items(): e.setdefault(k, copy.deepcopy(v))
-        e['name'] = name
-        _check_entry(name, {k: v for k, v in e.items() if k != 'name'}, origins[name])
-        e['_origin'] = origins[name]
-    return entries
-
-# %% ../nbs/00_data.ipynb #7b0cf8ea
-def _normal(name) -> str: return re.sub(r'[\s\-]+', '_', str(name).strip().lower())
-
-def resolve_name(name, entries: dict) -> tuple:
-    "(manifest key, size or None) for a dataset name, a Table-1 name or a title, with an optional _<size> suffix."
-    aliases = {}
-    for k, e in entries.items():
-        aliases[_normal(k)] = k
-        for t in (e.get('table1'), e.get('title')):
-            if t: aliases.setdefault(_normal(t), k)
-    n = _normal(name)
-    if n in aliases: return aliases[n], None
-    m = re.fullmatch(r'(.+)_(\d+)', n)
-    if m and m.group(1) in aliases: return aliases[m.group(1)], int(m.group(2))
-    close = difflib.get_close_matches(n, list(aliases), n=5, cutoff=0.6)
-    hint = f'Close names: {", ".join(close)}. ' if close else ''
-    raise DatasetError(f'unknown dataset {name!r}. {hint}Known: {", ".join(entries)}. Fix: use one of these names, '
-                       f'or add an entry under `datasets:` in a user manifest (manifest= or env PTM_MANIFEST)')
-
-# %% ../nbs/00_data.ipynb #4aeab83f
-def medmnist_sizes(flag: str) -> list:
-    "The sizes medmnist offers for a flag: 28 and every size with a url in INFO (2D: 64, 128, 224; 3D: 64)."
-    info = medmnist_info()[flag]
-    return [28] + [s for s in MEDMNIST_SIZES[1:] if f'url_{s}' in info]
-
-def medmnist_file(flag: str, size: int = 28) -> str:
-    "The file name medmnist uses: <flag>.npz at 28 px, <flag>_<size>.npz otherwise."
-    return f'{flag}.npz' if size == 28 else f'{flag}_{size}.npz'
-
-def medmnist_source(flag: str, size: int = 28) -> tuple:
-    "(url, md5) of a MedMNIST file from medmnist.INFO."
-    suffix = '' if size == 28 else f'_{size}'
-    info = medmnist_info()[flag]
-    return info[f'url{suffix}'], info[f'MD5{suffix}']
-
-def dataset_meta(entry: dict) -> dict:
-    "What a manifest entry is: class names, channels, 2D/3D, task, sizes; checked against medmnist.INFO."
-    e, name = entry, entry['name']
-    src = lambda f: e.get('_origin', {}).get(f, 'manifest')
-    meta = {k: e.get(k) for k in ('title', 'table1', 'modality', 'licence', 'citation', 'source_url', 'class_names',
-                                  'channels', 'is_3d', 'counts', 'task', 'split')}
-    meta.update(name=name, kind=e['kind'])
-    INFO = medmnist_info() if e['kind'] == 'medmnist' or e.get('like') else {}
-    flag = e.get('flag', name) if e['kind'] == 'medmnist' else e.get('like')
-    if flag is not None and flag not in INFO:
-        fld = 'flag' if e['kind'] == 'medmnist' else 'like'
-        close = difflib.get_close_matches(flag, list(INFO), n=3)
-        raise _err(src(fld), name, fld, f'{flag!r} is not a MedMNIST flag' + (f' (close: {", ".join(close)})' if close else ''),
-                   f'use one of {", ".join(INFO)}')
-    if flag is not None:
-        info = INFO[flag]
-        truth = {'class_names': [info['label'][str(i)] for i in range(len(info['label']))],
-                 'channels': info['n_channels'], 'is_3d': flag.endswith('3d'), 'task': info['task']}
-        if e['kind'] == 'medmnist':   # written-out values must agree with INFO
-            truth['counts'] = dict(info['n_samples'])
-            for f in ('class_names', 'channels', 'is_3d', 'task', 'counts'):
-                if e.get(f) is not None and e[f] != truth[f]:
-                    raise _err(src(f), name, f, f'is {e[f]!r} but medmnist.INFO[{flag!r}] says {truth[f]!r}',
-                               'copy the value from medmnist.INFO or delete the field')
-            sizes = medmnist_sizes(flag)
-            if e.get('sizes') is not None and sorted(e['sizes']) != sizes:
-                raise _err(src('sizes'), name, 'sizes', f'is {e["sizes"]} but medmnist offers {sizes}', f'write {sizes}')
-            for s, md5 in (e.get('md5') or {}).items():
-                if s not in sizes or md5 != medmnist_source(flag, s)[1]:
-                    raise _err(src('md5'), name, 'md5', f'md5 for size {s} is {md5}, medmnist.INFO has '
-                               f'{medmnist_source(flag, s)[1] if s in sizes else "no such size"}', 'copy it from medmnist.INFO')
-            meta.update(flag=flag, sizes=sizes, default_size=28)
-        for f, v in truth.items():
-            if meta.get(f) is None: meta[f] = v
-        if not meta.get('modality'): meta['modality'] = _manifest_modality(flag)
-        if not meta.get('licence'): meta['licence'] = info['license']
-    if e['kind'] == 'image_folder':
-        meta.update(default_size=e['size'], task='multi-class')
-    meta['n_classes'] = len(meta['class_names']) if meta.get('class_names') else None
-    meta['task'] = meta.get('task') or 'multi-class'
-    return meta
-
-def _manifest_modality(flag: str) -> str:
-    "The modality the project manifest gives a MedMNIST flag."
-    path = project_manifest_path()
-    raw = _read_yaml(path) if path.exists() else {}
-    return raw.get('medmnist_generated', {}).get('modality', {}).get(flag, 'unknown')
+__all__ = ['NPZ_KEYS', 'npz_headers', 'check_npz_layout', 'read_labels', 'images_to_tensor', 'channel_mean_std',
+           'normalise_images', 'MedDataset', 'locate_npz', 'load_dataset', 'class_indices', 'real_per_class',
+           'limit_train', 'dataset_stats', 'dataset_present', 'dataset_report']
 
 # %% ../nbs/00_data.ipynb #74822a85
+NPZ_KEYS = tuple(f'{s}_{k}' for s in SPLITS for k in ('images', 'labels'))  # the MedMNIST npz layout
+
 def npz_headers(path) -> dict:
     "{key: (shape, dtype)} of every array in an npz, read from the headers without loading the arrays."
     path = Path(path); out = {}
@@ -393,60 +31,73 @@ def npz_headers(path) -> dict:
                 if not info.filename.endswith('.npy'): continue
                 with zf.open(info) as f:
                     version = np.lib.format.read_magic(f)
-                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
                     shape, _, dtype = read(f)
                 out[info.filename[:-4]] = (tuple(shape), np.dtype(dtype))
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise DatasetError(f'{path}: not a readable npz file ({type(e).__name__}: {e}). Fix: download or write it again '
-                           f'(np.savez(path, train_images=..., train_labels=..., val_images=..., ...))') from e
+        raise DatasetError(f'{path}: not a readable npz file ({type(e).__name__}: {e}). Fix: download or '
+                           f'write it again (np.savez(path, train_images=..., train_labels=..., '
+                           f'val_images=..., ...))') from e
     return out
 
-
 # %% ../nbs/00_data.ipynb #84c5f36d
+def _image_layout(path: Path, s: str, shape: tuple, dtype, is_3d) -> tuple:
+    "(is_3d, channels, spatial shape) of the `s` images, after checking their dtype and shape."
+    if dtype != np.uint8:
+        raise DatasetError(f'{path}: {s}_images has dtype {dtype}, MedMNIST layout stores uint8 0..255. '
+                           f'Fix: save (images * 255).round().astype(np.uint8) if they are floats in [0, 1]')
+    if is_3d is None: is_3d = len(shape) == 4 and shape[-1] not in (1, 3)
+    if is_3d: ok, c, sp = len(shape) == 4, 1, shape[1:]
+    elif len(shape) == 3: ok, c, sp = True, 1, shape[1:]
+    elif len(shape) == 4: ok, c, sp = shape[-1] in (1, 3), shape[-1], shape[1:3]
+    else: ok, c, sp = False, None, shape[1:3]
+    want = '(N, D, H, W)' if is_3d else '(N, H, W) or (N, H, W, 3)'
+    if not ok:
+        raise DatasetError(f'{path}: {s}_images has shape {shape}; a {"3D" if is_3d else "2D"} set is stored '
+                           f'as {want}. Fix: store the images in that layout (or correct is_3d / like in the '
+                           f'manifest)')
+    return is_3d, c, sp
+
+def _check_label_layout(path: Path, s: str, lshape: tuple, ldtype, shape: tuple, multi: bool):
+    "One integer label per image of shape `shape`: (N,) or (N, 1), or (N, classes) in a multi-label set."
+    if lshape[:1] != shape[:1]:
+        raise DatasetError(f'{path}: {s}_labels has {lshape[0] if lshape else 0} rows but {s}_images has '
+                           f'{shape[0]} images. Fix: one label per image')
+    if not (np.issubdtype(ldtype, np.integer) or ldtype == np.bool_):
+        raise DatasetError(f'{path}: {s}_labels has dtype {ldtype}; labels are integer class indices. '
+                           f'Fix: save labels.astype(np.int64) (after checking they are whole numbers)')
+    if not (len(lshape) == 1 or (len(lshape) == 2 and (lshape[1] == 1 or multi))):
+        raise DatasetError(f'{path}: {s}_labels has shape {lshape}; one class index per image is expected, '
+                           f'(N,) or (N, 1). Fix: store labels.argmax(1)[:, None] for one-hot labels')
+
 def check_npz_layout(path, headers: dict, meta: dict, size=None) -> dict:
-    "Check keys, dtypes and shapes of a MedMNIST-layout npz against `meta`; return its channels, is_3d, spatial shape."
+    """Check keys, dtypes and shapes of a MedMNIST-layout npz against `meta`; return its channels, is_3d,
+    spatial shape."""
     path = Path(path)
     missing = [k for k in NPZ_KEYS if k not in headers]
     if missing:
-        raise DatasetError(f'{path}: missing key(s) {missing}; it has {sorted(headers)}. Fix: save it in MedMNIST layout, '
-                           f'np.savez(path, train_images=..., train_labels=..., val_images=..., val_labels=..., '
-                           f'test_images=..., test_labels=...)')
+        raise DatasetError(f'{path}: missing key(s) {missing}; it has {sorted(headers)}. Fix: save it in '
+                           f'MedMNIST layout, np.savez(path, train_images=..., train_labels=..., '
+                           f'val_images=..., val_labels=..., test_images=..., test_labels=...)')
     is_3d, channels, spatial = meta.get('is_3d'), meta.get('channels'), None
+    multi = meta.get('task', '').startswith('multi-label')
     for s in SPLITS:
         shape, dtype = headers[f'{s}_images']
-        if dtype != np.uint8:
-            raise DatasetError(f'{path}: {s}_images has dtype {dtype}, MedMNIST layout stores uint8 0..255. '
-                               f'Fix: save (images * 255).round().astype(np.uint8) if they are floats in [0, 1]')
-        if is_3d is None: is_3d = len(shape) == 4 and shape[-1] not in (1, 3)
-        if is_3d: ok, c, sp = len(shape) == 4, 1, shape[1:]
-        elif len(shape) == 3: ok, c, sp = True, 1, shape[1:]
-        else: ok, c, sp = len(shape) == 4 and shape[-1] in (1, 3), shape[-1] if len(shape) == 4 else None, shape[1:3]
-        want = '(N, D, H, W)' if is_3d else '(N, H, W) or (N, H, W, 3)'
-        if not ok:
-            raise DatasetError(f'{path}: {s}_images has shape {shape}; a {"3D" if is_3d else "2D"} set is stored as {want}. '
-                               f'Fix: store the images in that layout (or correct is_3d / like in the manifest)')
+        is_3d, c, sp = _image_layout(path, s, shape, dtype, is_3d)
         if channels is not None and c != channels:
-            raise DatasetError(f'{path}: {s}_images has {c} channel(s) (shape {shape}) but the manifest says channels: '
-                               f'{channels}. Fix: store {channels}-channel images, or set channels: {c} in the manifest entry')
+            raise DatasetError(f'{path}: {s}_images has {c} channel(s) (shape {shape}) but the manifest '
+                               f'says channels: {channels}. Fix: store {channels}-channel images, or set '
+                               f'channels: {c} in the manifest entry')
         channels = c
         if spatial is not None and sp != spatial:
             raise DatasetError(f'{path}: {s}_images is {sp} per image but the train split is {spatial}. '
                                f'Fix: resize every split to one shape')
         spatial = sp
-        lshape, ldtype = headers[f'{s}_labels']
-        if lshape[:1] != shape[:1]:
-            raise DatasetError(f'{path}: {s}_labels has {lshape[0] if lshape else 0} rows but {s}_images has {shape[0]} images. '
-                               f'Fix: one label per image')
-        if not (np.issubdtype(ldtype, np.integer) or ldtype == np.bool_):
-            raise DatasetError(f'{path}: {s}_labels has dtype {ldtype}; labels are integer class indices. '
-                               f'Fix: save labels.astype(np.int64) (after checking they are whole numbers)')
-        multi = meta.get('task', '').startswith('multi-label')
-        if not (len(lshape) == 1 or (len(lshape) == 2 and (lshape[1] == 1 or multi))):
-            raise DatasetError(f'{path}: {s}_labels has shape {lshape}; one class index per image is expected, (N,) or (N, 1). '
-                               f'Fix: store labels.argmax(1)[:, None] for one-hot labels')
+        _check_label_layout(path, s, *headers[f'{s}_labels'], shape, multi)
     if size is not None and spatial[0] != size:
-        raise DatasetError(f'{path}: holds {spatial[0]} px images but size={size} was asked. Fix: ask for size={spatial[0]} '
-                           f'or point the entry at the {size} px file')
+        raise DatasetError(f'{path}: holds {spatial[0]} px images but size={size} was asked. Fix: ask for '
+                           f'size={spatial[0]} or point the entry at the {size} px file')
     return {'channels': channels, 'is_3d': bool(is_3d), 'spatial': tuple(spatial)}
 
 def read_labels(path, meta: dict) -> tuple:
@@ -454,8 +105,8 @@ def read_labels(path, meta: dict) -> tuple:
     path = Path(path)
     with np.load(path, allow_pickle=False) as z: raw = {s: z[f'{s}_labels'] for s in SPLITS}
     multi = meta.get('task', '').startswith('multi-label')
-    labels = {s: (y.astype(np.int64) if multi and y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1).astype(np.int64))
-              for s, y in raw.items()}
+    labels = {s: (y.astype(np.int64) if multi and y.ndim == 2 and y.shape[1] > 1
+                  else y.reshape(-1).astype(np.int64)) for s, y in raw.items()}
     names = meta.get('class_names')
     if names is None:   # an npz without class names: classes are the label values present
         top = max(int(y.max()) for y in labels.values() if y.size) + 1
@@ -465,16 +116,19 @@ def read_labels(path, meta: dict) -> tuple:
         if multi and y.ndim == 2:
             bad = (y < 0) | (y > 1)
             if y.shape[1] != n:
-                raise DatasetError(f'{path}: {s}_labels has {y.shape[1]} label columns but the dataset has {n} classes. '
-                                   f'Fix: store one 0/1 column per class')
-            if bad.any(): raise DatasetError(f'{path}: {s}_labels holds values other than 0/1 in a multi-label set. Fix: store 0/1')
+                raise DatasetError(f'{path}: {s}_labels has {y.shape[1]} label columns but the dataset has '
+                                   f'{n} classes. Fix: store one 0/1 column per class')
+            if bad.any():
+                raise DatasetError(f'{path}: {s}_labels holds values other than 0/1 in a multi-label set. '
+                                   f'Fix: store 0/1')
             continue
         bad = (y < 0) | (y >= n)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise DatasetError(f'{path}: {s}_labels has {int(bad.sum())} label(s) outside 0..{n - 1} (first: index {i}, '
-                               f'value {int(y[i])}); the dataset has {n} classes {names}. Fix: relabel to 0..{n - 1}, '
-                               f'or give the right class_names (or like:) in the manifest')
+            raise DatasetError(f'{path}: {s}_labels has {int(bad.sum())} label(s) outside 0..{n - 1} (first: '
+                               f'index {i}, value {int(y[i])}); the dataset has {n} classes {names}. Fix: '
+                               f'relabel to 0..{n - 1}, or give the right class_names (or like:) in the '
+                               f'manifest')
     return labels, list(names)
 
 # %% ../nbs/00_data.ipynb #6cbab9ad
@@ -491,7 +145,8 @@ def channel_mean_std(x: torch.Tensor) -> tuple:
     for c in range(x.shape[1]):
         flat = x[:, c].reshape(-1)
         hist = torch.zeros(256, dtype=torch.float64)
-        for i in range(0, flat.numel(), 1 << 26): hist += torch.bincount(flat[i:i + (1 << 26)], minlength=256).double()
+        for i in range(0, flat.numel(), 1 << 26):
+            hist += torch.bincount(flat[i:i + (1 << 26)], minlength=256).double()
         m = (hist * levels).sum() / hist.sum()
         v = (hist * (levels - m) ** 2).sum() / hist.sum()
         mean.append(m); std.append(v.sqrt() if v > 0 else torch.tensor(1.0, dtype=torch.float64))
@@ -506,7 +161,7 @@ def normalise_images(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> 
 # %% ../nbs/00_data.ipynb #7f108bb9
 @dataclass(repr=False)
 class MedDataset:
-    "A dataset as float32 tensors (N×C×H×W or N×C×D×H×W, normalised by the train split) and int64 class labels."
+    "A dataset as float32 tensors (N×C×H×W or N×C×D×H×W, normalised by the train split), int64 class labels."
     name: str
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -531,7 +186,8 @@ class MedDataset:
 
     def split(self, which: str) -> tuple:
         "(images, labels) of 'train', 'val' or 'test'."
-        if which not in SPLITS: raise DatasetError(f'split {which!r} does not exist. Fix: use one of {SPLITS}')
+        if which not in SPLITS:
+            raise DatasetError(f'split {which!r} does not exist. Fix: use one of {SPLITS}')
         return getattr(self, f'{which}_x'), getattr(self, f'{which}_y')
 
     @property
@@ -542,7 +198,8 @@ class MedDataset:
 
     def to(self, device) -> 'MedDataset':
         "A copy with every tensor on `device`."
-        moved = {f: getattr(self, f).to(device) for f in ('train_x', 'train_y', 'val_x', 'val_y', 'test_x', 'test_y', 'mean', 'std')}
+        moved = {f: getattr(self, f).to(device)
+                 for f in ('train_x', 'train_y', 'val_x', 'val_y', 'test_x', 'test_y', 'mean', 'std')}
         return replace(self, **moved)
 
     def _view(self, t, x): return t.to(device=x.device, dtype=x.dtype).view((1, -1) + (1,) * (x.ndim - 2))
@@ -561,211 +218,6 @@ class MedDataset:
                 f'{"×".join(map(str, self.image_shape))}, {self.n_classes} classes, '
                 f'train/val/test {c["train"]}/{c["val"]}/{c["test"]}, device {self.device})')
 
-# %% ../nbs/00_data.ipynb #54266c98
-def stratified_split(labels, ratios: dict, seed: int, groups=None) -> dict:
-    "{split: sorted indices}: per class, a seeded permutation of the images (or of the groups) cut by `ratios`."
-    labels = np.asarray(labels)
-    gen = torch.Generator().manual_seed(int(seed))
-    out = {s: [] for s in SPLITS}
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if groups is None: units = [[i] for i in idx]
-        else:
-            by = {}
-            for i in idx: by.setdefault(groups[i], []).append(int(i))
-            units = [by[g] for g in sorted(by, key=str)]
-        order = torch.randperm(len(units), generator=gen).tolist()
-        n = len(idx)
-        target = {s: int(np.floor(ratios[s] * n + 0.5)) for s in ('test', 'val')}   # round half up
-        filled = {'test': 0, 'val': 0}
-        for u in order:
-            s = next((s for s in ('test', 'val') if filled[s] < target[s]), 'train')
-            if s != 'train': filled[s] += len(units[u])
-            out[s].extend(units[u])
-    return {s: np.array(sorted(v), dtype=np.int64) for s, v in out.items()}
-
-# %% ../nbs/00_data.ipynb #6f1c9f0b
-def _to_mode(img, mode: str):
-    "PIL image -> 'L' or 'RGB', scaling 16/32-bit images to 8 bits instead of clipping them."
-    from PIL import Image
-    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
-        a = np.asarray(img, dtype=np.float64)
-        scale = 257.0 if img.mode.startswith('I;16') or a.max() > 255 else 1.0
-        img = Image.fromarray(np.clip(np.round(a / scale), 0, 255).astype(np.uint8), 'L')
-    return img if img.mode == mode else img.convert(mode)
-
-def decode_image(data: bytes, channels: int, size: int, fit: str = 'stretch') -> np.ndarray:
-    "Image bytes -> uint8 array size×size (gray) or size×size×3 (RGB)."
-    from PIL import Image, ImageOps
-    mode = 'L' if channels == 1 else 'RGB'
-    with Image.open(io.BytesIO(data)) as img:
-        if img.format == 'JPEG': img.draft(mode, (size, size))   # decode JPEGs at a reduced scale: much faster
-        img = _to_mode(ImageOps.exif_transpose(img), mode)
-        if fit == 'center_crop':
-            w, h = img.size; s = min(w, h)
-            img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        img = img.resize((size, size), Image.Resampling.LANCZOS)
-        return np.asarray(img, dtype=np.uint8).copy()
-
-# %% ../nbs/00_data.ipynb #88938d37
-def _source_files(key: str, entry: dict, base: Path) -> tuple:
-    "([(path, relative name, label, group)], notes) from a release folder in the entry's layout."
-    names, exts = entry['class_names'], {x.lower() for x in entry['extensions']}
-    keep = lambda p: (p.is_file() and not p.name.startswith('.') and p.suffix.lower() in exts
-                      and not any(fnmatch.fnmatch(p.name, pat) for pat in entry['exclude']))
-    rel = lambda p: p.relative_to(base).as_posix()
-    sources, notes = [], {'missing': []}
-    if entry['layout'] == 'class_folders':
-        for label, cname in enumerate(names):
-            d = base / entry['class_dirs'][cname]
-            if not d.is_dir():
-                raise DatasetError(f'{key}: the folder {d} for class {cname!r} does not exist (expected layout: '
-                                   f'{", ".join(f"{c} -> {v}" for c, v in entry["class_dirs"].items())} under {base}). '
-                                   f'Fix: unpack the release {entry.get("source_url", "")} there unchanged, or set '
-                                   f'`folder:` / `class_dirs:` in a user manifest')
-            sources += [(p, rel(p), label, None) for p in sorted(d.iterdir()) if keep(p)]
-        return sources, notes
-    table = base / entry['csv']
-    if not table.is_file():
-        raise DatasetError(f'{key}: the label table {table} does not exist. Fix: unpack the release '
-                           f'{entry.get("source_url", "")} so that {entry["csv"]} sits in {base}')
-    files = {}
-    for d in entry['image_dirs']:
-        if not (base / d).is_dir():
-            raise DatasetError(f'{key}: the image folder {base / d} does not exist (image_dirs: {entry["image_dirs"]}). '
-                               f'Fix: unpack every image archive of the release into {base}')
-        for p in sorted((base / d).iterdir()):
-            if keep(p): files.setdefault(p.stem, p)
-    group_col = (entry.get('split') or {}).get('group')
-    with open(table, newline='', encoding='utf-8-sig') as f:
-        head = f.readline(); f.seek(0)
-        reader = csv.DictReader(f, delimiter='\t' if '\t' in head else ',')
-        cols = [c for c in (entry['id_column'], entry['label_column'], group_col) if c]
-        lacking = [c for c in cols if c not in (reader.fieldnames or [])]
-        if lacking:
-            raise DatasetError(f'{table}: column(s) {lacking} missing; it has {reader.fieldnames}. Fix: use the release\'s '
-                               f'metadata file, or set id_column / label_column / split.group in the manifest')
-        seen = set()
-        for line, row in enumerate(reader, start=2):
-            iid, lab = row[entry['id_column']].strip(), row[entry['label_column']].strip()
-            if lab not in names:
-                raise DatasetError(f'{table}: line {line}: {entry["label_column"]}={lab!r} is not a class of {names}. '
-                                   f'Fix: correct the row, or list the class in class_names of the manifest entry')
-            if iid in seen:
-                raise DatasetError(f'{table}: line {line}: {entry["id_column"]}={iid!r} appears twice. Fix: keep one row per image')
-            seen.add(iid)
-            if iid not in files: notes['missing'].append(iid); continue
-            sources.append((files[iid], rel(files[iid]), names.index(lab), row[group_col] if group_col else None))
-    return sources, notes
-
-def _listing(sources, extra=()) -> list:
-    out = []
-    for p, r, *_ in sources:
-        st = p.stat(); out.append([r, st.st_size, st.st_mtime_ns])
-    for p, r in extra:
-        st = p.stat(); out.append([r, st.st_size, st.st_mtime_ns])
-    return out
-
-def _warn_skipped(key, record, json_path):
-    skipped = record['skipped']
-    if skipped['count']:
-        warnings.warn(f'{key}: {skipped["count"]} image(s) skipped ({", ".join(skipped["reasons"])}); first: '
-                      f'{", ".join(f["file"] for f in skipped["files"][:5])}. All are listed in {json_path}. '
-                      f'Set on_unreadable: error to fail instead', stacklevel=3)
-
-# %% ../nbs/00_data.ipynb #553c5d37
-CACHE_FORMAT = 1   # bump when the cached arrays would differ for the same sources and settings
-
-def ingest_image_folder(entry: dict, root=None, size=None, cache_dir=None, on_unreadable=None) -> Path:
-    "Cached MedMNIST-layout npz of an image_folder entry: built from the release folder once, reused while unchanged."
-    key, root = entry['name'], data_root(root)
-    size = int(size or entry['size'])
-    policy = on_unreadable or entry['on_unreadable']
-    if policy not in ('skip', 'error'): raise DatasetError(f'on_unreadable={policy!r}. Fix: use skip or error')
-    base = Path(entry['folder']).expanduser()
-    base = base if base.is_absolute() else root / base
-    if not base.is_dir():
-        raise DatasetError(f'{key}: folder {base} not found. Fix: download the release from {entry.get("source_url")}, '
-                           f'unpack it unchanged so that {base} exists (the data root is {root}: root=, env PTM_DATA_DIR), '
-                           f'or set `folder:` for {key} in a user manifest')
-    cdir = cache_root(cache_dir)
-    if any(c == r or r in c.parents for c in (cdir,) for r in (root.resolve(), base.resolve())):
-        raise DatasetError(f'the cache dir {cdir} lies inside the data root {root}, which must stay read-only. '
-                           f'Fix: set env PTM_CACHE_DIR (or cache_dir=) to a folder outside it')
-    sources, notes = _source_files(key, entry, base)
-    extra = [(base / entry['csv'], entry['csv'])] if entry['layout'] == 'csv' else []
-    settings = {k: entry.get(k) for k in ('layout', 'class_names', 'class_dirs', 'csv', 'image_dirs', 'id_column',
-                                          'label_column', 'extensions', 'exclude', 'channels', 'fit', 'split')}
-    payload = {'format': CACHE_FORMAT, 'name': key, 'size': size, 'settings': settings, 'listing': _listing(sources, extra)}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    npz_path, json_path = cdir / f'{key}_{size}px_{digest}.npz', cdir / f'{key}_{size}px_{digest}.json'
-    if npz_path.exists() and json_path.exists():
-        try: record = json.loads(json_path.read_text(encoding='utf-8'))
-        except (OSError, ValueError): record = {}
-        if record.get('cache_sha256') == file_digest(npz_path, memo=True):
-            if record['skipped']['count'] and policy == 'error':
-                raise DatasetError(f'{key}: {record["skipped"]["files"][0]["file"]} could not be read '
-                                   f'({record["skipped"]["files"][0]["error"]}). Fix: replace or delete the file, or use on_unreadable: skip')
-            _warn_skipped(key, record, json_path)
-            return npz_path
-    # build
-    images, labels, groups, used, skipped = [], [], [], [], [{'file': m, 'error': 'listed in the label table, image file not found'}
-                                                              for m in notes['missing']]
-    if skipped and policy == 'error':
-        raise DatasetError(f'{key}: {len(skipped)} image(s) of the label table are missing, first {skipped[0]["file"]!r}. '
-                           f'Fix: unpack every image archive, or use on_unreadable: skip')
-    try:
-        from tqdm import tqdm
-        it = tqdm(sources, desc=f'ingest {key} ({size} px)', disable=len(sources) < 2000, leave=False)
-    except ImportError: it = sources
-    for path, rel, label, group in it:
-        try:
-            data = path.read_bytes()
-            images.append(decode_image(data, entry['channels'], size, entry['fit']))
-        except Exception as e:   # any decoder failure is a bad file, never a reason to stop the whole set
-            if policy == 'error':
-                raise DatasetError(f'{key}: {path} could not be read as an image ({type(e).__name__}: {e}). '
-                                   f'Fix: replace or delete the file, or use on_unreadable: skip') from e
-            skipped.append({'file': rel, 'error': f'{type(e).__name__}: {e}'}); continue
-        labels.append(label); groups.append(group)
-        used.append({'file': rel, 'bytes': len(data), 'sha256': hashlib.sha256(data).hexdigest(), 'label': label})
-    names = entry['class_names']
-    if not images:
-        raise DatasetError(f'{key}: no readable image found under {base}. Fix: check the layout ({entry["layout"]}) and extensions {entry["extensions"]}')
-    labels = np.array(labels, dtype=np.int64)
-    empty = [names[c] for c in range(len(names)) if not (labels == c).any()]
-    if empty:
-        raise DatasetError(f'{key}: no image for class(es) {empty} under {base}. Fix: unpack the whole release')
-    split = entry['split']
-    parts = stratified_split(labels, split['ratios'], split['seed'], groups if split.get('group') else None)
-    arrays, which = {}, np.empty(len(labels), dtype=object)
-    stack = np.stack(images)
-    for s in SPLITS:
-        arrays[f'{s}_images'] = stack[parts[s]]
-        arrays[f'{s}_labels'] = labels[parts[s]].astype(np.uint8 if len(names) < 256 else np.int64)[:, None]
-        which[parts[s]] = s
-    for u, s in zip(used, which): u['split'] = s
-    cdir.mkdir(parents=True, exist_ok=True)
-    atomic_write(npz_path, lambda f: np.savez(f, **arrays))
-    reasons = sorted({'missing file' if 'not found' in s['error'] else 'unreadable' for s in skipped})
-    record = {'format': CACHE_FORMAT, 'name': key, 'title': entry.get('title'), 'size': size, 'channels': entry['channels'],
-              'fit': entry['fit'], 'source_folder': str(base), 'source_url': entry.get('source_url'),
-              'cache_file': npz_path.name, 'cache_sha256': file_digest(npz_path, memo=True), 'split': split,
-              'counts': {**{s: int(len(parts[s])) for s in SPLITS}, 'total': int(len(labels)),
-                         'per_class': {n: {s: int((labels[parts[s]] == c).sum()) for s in SPLITS} for c, n in enumerate(names)}},
-              'skipped': {'count': len(skipped), 'reasons': reasons, 'files': skipped},
-              'listing_key': digest, 'sources': used}
-    write_json_atomic(json_path, record)
-    for old in cdir.glob(f'{key}_{size}px_*'):   # a stale cache of the same set and size
-        if old.suffix in ('.npz', '.json') and old.stem != npz_path.stem: old.unlink(missing_ok=True)
-    expected = (entry.get('counts') or {}).get('per_class')
-    found = {n: int((labels == c).sum()) for c, n in enumerate(names)}
-    if expected and found != {n: expected.get(n) for n in names}:
-        warnings.warn(f'{key}: found {found} images per class, the manifest expects {expected} (another release of the '
-                      f'set?). The split and statistics use what was found', stacklevel=2)
-    _warn_skipped(key, record, json_path)
-    return npz_path
-
 # %% ../nbs/00_data.ipynb #139c842d
 def _not_a_folder(path: Path, get: str):
     "A DatasetError when a folder stands where the data file `path` should be (never looked for inside)."
@@ -773,59 +225,60 @@ def _not_a_folder(path: Path, get: str):
         raise DatasetError(f'{path} is a folder, not the data file {path.name}. Fix: move that folder away '
                            f'(mv "{path}" "{path}.folder") and put the file there ({get})')
 
-def locate_npz(entry: dict, meta: dict, root=None, size=None, download=True, cache_dir=None, on_unreadable=None) -> Path:
-    "The verified npz behind a manifest entry: found (or downloaded) and checksummed, or ingested into the cache."
-    root, key, kind = data_root(root), entry['name'], entry['kind']
-    if kind == 'image_folder':
-        return ingest_image_folder(entry, root, size, cache_dir, on_unreadable)
-    if kind == 'medmnist':
-        flag, size = meta['flag'], 28 if size is None else int(size)
-        if size not in meta['sizes']:
-            raise DatasetError(f'{key}: size {size} is not offered; medmnist has {flag} at sizes {meta["sizes"]}. '
-                               f'Fix: use one of them')
-        path, (url, md5) = root / medmnist_file(flag, size), medmnist_source(flag, size)
-        field_name = 'MD5' if size == 28 else f'MD5_{size}'
-        if not path.exists():
-            if not download: raise _placement_error(path, url, 'md5', md5, 'download=False')
-            try: fetch_url(url, path, 'md5', md5)
-            except _Unreachable as e: raise _placement_error(path, url, 'md5', md5, f'offline? {e}') from None
-        _not_a_folder(path, f'download {url}')
-        check_digest(path, md5, 'md5', f"medmnist.INFO[{flag!r}][{field_name!r}]",
-                     f'delete {path} and download {url} again (or let load_dataset download it into a writable root)')
-        return path
-    path = Path(entry['file']).expanduser()
+def _medmnist_npz(key: str, meta: dict, root: Path, size, download: bool) -> Path:
+    "The checked MedMNIST file of an entry at `size` (28 px if None), downloaded when missing."
+    flag, size = meta['flag'], 28 if size is None else int(size)
+    if size not in meta['sizes']:
+        raise DatasetError(f'{key}: size {size} is not offered; medmnist has {flag} at sizes '
+                           f'{meta["sizes"]}. Fix: use one of them')
+    path, (url, md5) = root / medmnist_file(flag, size), medmnist_source(flag, size)
+    field_name = 'MD5' if size == 28 else f'MD5_{size}'
+    fetch_missing(path, url, 'md5', md5, download)
+    _not_a_folder(path, f'download {url}')
+    check_digest(path, md5, 'md5', f"medmnist.INFO[{flag!r}][{field_name!r}]", f'delete {path} and download '
+                 f'{url} again (or let load_dataset download it into a writable root)')
+    return path
+
+def _npz_file(entry: dict, root: Path, download: bool) -> Path:
+    "The checked file of an npz entry, downloaded when missing if the entry gives a url with a checksum."
+    key, path = entry['name'], Path(entry['file']).expanduser()
     path = Path(os.path.normpath(path if path.is_absolute() else root / path))
     algo = 'sha256' if entry.get('sha256') else 'md5' if entry.get('md5') else None
-    digest = entry.get(algo) if algo else None
-    if not path.exists():
-        if entry.get('url') and download and digest:
-            try: fetch_url(entry['url'], path, algo, digest)
-            except _Unreachable as e: raise _placement_error(path, entry['url'], algo, digest, f'offline? {e}') from None
-        else:
-            reason = 'download=False' if entry.get('url') and not download else 'no url with a checksum in the manifest'
-            raise _placement_error(path, entry.get('url'), algo, digest, reason)
+    fetch_missing(path, entry.get('url'), algo, entry.get(algo) if algo else None, download)
     _not_a_folder(path, f'get it from {entry["url"]}' if entry.get('url') else
                   'get it from the source of the entry')
     for a in ('sha256', 'md5'):
         if entry.get(a):
-            check_digest(path, entry[a], a, f'the manifest entry {key} ({entry["_origin"].get(a, "manifest")})',
-                         f'put the right file at {path}, or correct `{a}:` of {key} if the file is the one you mean')
+            origin = f'the manifest entry {key} ({entry["_origin"].get(a, "manifest")})'
+            check_digest(path, entry[a], a, origin, f'put the right file at {path}, or correct `{a}:` of '
+                         f'{key} if the file is the one you mean')
     return path
+
+def locate_npz(entry: dict, meta: dict, root=None, size=None, download=True, cache_dir=None,
+               on_unreadable=None) -> Path:
+    "The verified npz behind a manifest entry: found (or downloaded) and checksummed, or ingested (cached)."
+    root = data_root(root)
+    if entry['kind'] == 'image_folder':
+        return ingest_image_folder(entry, root, size, cache_dir, on_unreadable)
+    if entry['kind'] == 'medmnist': return _medmnist_npz(entry['name'], meta, root, size, download)
+    return _npz_file(entry, root, download)
 
 def _check_counts(path, meta, counts: dict):
     want = {s: v for s, v in (meta.get('counts') or {}).items() if s in SPLITS}
     got = {s: counts[s] for s in want}
     if meta['kind'] != 'image_folder' and want and got != want:
-        raise DatasetError(f'{path}: holds train/val/test {counts["train"]}/{counts["val"]}/{counts["test"]} images but the '
-                           f'manifest entry {meta["name"]} expects {want}. Fix: use the file the entry describes, or correct its counts')
+        raise DatasetError(f'{path}: holds train/val/test {counts["train"]}/{counts["val"]}/{counts["test"]} '
+                           f'images but the manifest entry {meta["name"]} expects {want}. Fix: use the file '
+                           f'the entry describes, or correct its counts')
 
 def load_dataset(name: str, root=None, size=None, manifest=None, download=True, *, cache_dir=None,
                  on_unreadable=None) -> MedDataset:
-    "Load a dataset of the manifest as a MedDataset of normalised tensors (checked, and downloaded when missing)."
+    "A dataset of the manifest as a MedDataset of normalised tensors (checked, and downloaded when missing)."
     entries = load_manifest(manifest)
     key, name_size = resolve_name(name, entries)
     if size is not None and name_size is not None and int(size) != name_size:
-        raise DatasetError(f'{name!r} names size {name_size} but size={size} was given. Fix: give one of them')
+        raise DatasetError(f'{name!r} names size {name_size} but size={size} was given. Fix: give one of '
+                           f'them')
     size = size if size is not None else name_size
     entry = entries[key]; meta = dataset_meta(entry)
     path = locate_npz(entry, meta, root, size, download, cache_dir, on_unreadable)
@@ -834,41 +287,46 @@ def load_dataset(name: str, root=None, size=None, manifest=None, download=True, 
     _check_counts(path, meta, {s: len(y) for s, y in labels.items()})
     with np.load(path, allow_pickle=False) as z:
         raw = {s: images_to_tensor(z[f'{s}_images'], layout['is_3d']) for s in SPLITS}
-    if len(raw['train']) == 0: raise DatasetError(f'{path}: the train split is empty. Fix: put images in train_images')
+    if len(raw['train']) == 0:
+        raise DatasetError(f'{path}: the train split is empty. Fix: put images in train_images')
     mean, std = channel_mean_std(raw['train'])
-    xs = {}
-    for s in SPLITS: xs[s] = normalise_images(raw.pop(s), mean, std)   # one split at a time: less peak memory
+    xs = {s: normalise_images(raw.pop(s), mean, std) for s in SPLITS}   # one split at a time: less memory
     size_px = layout['spatial'][0]
     default = meta.get('default_size', size_px)
     info = {k: meta.get(k) for k in ('title', 'table1', 'licence', 'citation', 'source_url', 'kind')}
     if entry['kind'] == 'image_folder':
         info['ingest'] = json.loads(path.with_suffix('.json').read_text(encoding='utf-8'))['counts']
     split_rule = meta.get('split')
+    split_rule = split_rule if isinstance(split_rule, str) else json.dumps(split_rule)
+    ys = {s: torch.from_numpy(labels[s]) for s in SPLITS}
     return MedDataset(
         name=key if size_px == default else f'{key}_{size_px}',
-        train_x=xs['train'], train_y=torch.from_numpy(labels['train']), val_x=xs['val'], val_y=torch.from_numpy(labels['val']),
-        test_x=xs['test'], test_y=torch.from_numpy(labels['test']), mean=mean, std=std, class_names=class_names,
-        n_classes=len(class_names), channels=layout['channels'], image_shape=tuple(xs['train'].shape[1:]),
-        is_3d=layout['is_3d'], modality=meta.get('modality') or 'unknown', source=str(path), size=size_px,
-        task=meta['task'], title=meta.get('title') or key,
-        split_rule=split_rule if isinstance(split_rule, str) else json.dumps(split_rule), info=info)
+        train_x=xs['train'], train_y=ys['train'], val_x=xs['val'], val_y=ys['val'], test_x=xs['test'],
+        test_y=ys['test'], mean=mean, std=std, class_names=class_names, n_classes=len(class_names),
+        channels=layout['channels'], image_shape=tuple(xs['train'].shape[1:]), is_3d=layout['is_3d'],
+        modality=meta.get('modality') or 'unknown', source=str(path), size=size_px, task=meta['task'],
+        title=meta.get('title') or key, split_rule=split_rule, info=info)
 
 # %% ../nbs/00_data.ipynb #027bbf0f
 def class_indices(y: torch.Tensor, n_classes: int) -> list:
     "For each class c, the indices i with y[i] == c (a LongTensor on y's device)."
     if y.ndim != 1:
-        raise DatasetError(f'labels of shape {tuple(y.shape)}: class indices need one label per image, shape (N,). '
-                           f'Fix: use a single-label dataset (a multi-label set such as chestmnist has no class index)')
+        raise DatasetError(f'labels of shape {tuple(y.shape)}: class indices need one label per image, shape '
+                           f'(N,). Fix: use a single-label dataset (a multi-label set such as chestmnist has '
+                           f'no class index)')
     return [torch.nonzero(y == c, as_tuple=True)[0] for c in range(n_classes)]
 
-def real_per_class(x: torch.Tensor, y: torch.Tensor, n_classes: int, ipc: int, generator: torch.Generator) -> tuple:
+def real_per_class(x: torch.Tensor, y: torch.Tensor, n_classes: int, ipc: int,
+                   generator: torch.Generator) -> tuple:
     "ipc random real images per class, sorted by class: (x_sel, y_sel), drawn with `generator`."
-    if int(ipc) < 1: raise DatasetError(f'ipc={ipc}: at least one image per class is needed. Fix: use ipc >= 1')
+    if int(ipc) < 1:
+        raise DatasetError(f'ipc={ipc}: at least one image per class is needed. Fix: use ipc >= 1')
     picks = []
     for c, idx in enumerate(class_indices(y, n_classes)):
         if len(idx) < ipc:
-            raise DatasetError(f'ipc={ipc} is larger than class {c}, which has {len(idx)} image(s) in this split. '
-                               f'Fix: use ipc <= {min(len(i) for i in class_indices(y, n_classes))} (the smallest class)')
+            smallest = min(len(i) for i in class_indices(y, n_classes))
+            raise DatasetError(f'ipc={ipc} is larger than class {c}, which has {len(idx)} image(s) in this '
+                               f'split. Fix: use ipc <= {smallest} (the smallest class)')
         perm = torch.randperm(len(idx), generator=generator, device=generator.device)[:ipc].to(idx.device)
         picks.append(idx[perm])
     sel = torch.cat(picks)
@@ -876,20 +334,22 @@ def real_per_class(x: torch.Tensor, y: torch.Tensor, n_classes: int, ipc: int, g
 
 # %% ../nbs/00_data.ipynb #28bab64f
 def limit_train(ds, max_per_class: int | None):
-    "`ds` with at most `max_per_class` training images per class (the first ones, in file order); None: `ds` itself."
+    "`ds` with at most `max_per_class` training images per class (the first ones, in file order); None: `ds`."
     if not max_per_class: return ds
-    keep = torch.cat([idx[:int(max_per_class)] for idx in class_indices(ds.train_y, ds.n_classes)]).sort().values
+    per_class = class_indices(ds.train_y, ds.n_classes)
+    keep = torch.cat([idx[:int(max_per_class)] for idx in per_class]).sort().values
     if len(keep) == len(ds.train_y): return ds
     return replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep])
 
 # %% ../nbs/00_data.ipynb #06f106a5
 def _label_stats(labels: dict, class_names: list, multi: bool) -> dict:
-    counts = {s: (np.asarray(y).sum(0) if multi else np.bincount(np.asarray(y), minlength=len(class_names))).tolist()
-              for s, y in labels.items()}
+    counts = {s: (np.asarray(y).sum(0) if multi else np.bincount(np.asarray(y), minlength=len(class_names)))
+              .tolist() for s, y in labels.items()}
     out = {'class_counts': counts, 'majority_class': None, 'majority_test_acc': float('nan')}
     if not multi and sum(counts['train']) and len(labels['test']):
         top = int(np.argmax(counts['train']))
-        out.update(majority_class=class_names[top], majority_test_acc=100.0 * counts['test'][top] / len(labels['test']))
+        out.update(majority_class=class_names[top],
+                   majority_test_acc=100.0 * counts['test'][top] / len(labels['test']))
     return out
 
 def _stats_row(name, meta, labels, class_names, image_shape, is_3d, size) -> dict:
@@ -901,7 +361,7 @@ def _stats_row(name, meta, labels, class_names, image_shape, is_3d, size) -> dic
     return row
 
 def dataset_stats(ds: MedDataset) -> dict:
-    "Modality, 2D/3D, classes, samples per split, image shape, class counts and majority-class test accuracy of a dataset."
+    "Modality, 2D/3D, classes, split sizes, image shape, class counts, majority-class test accuracy of `ds`."
     labels = {s: getattr(ds, f'{s}_y').cpu().numpy() for s in SPLITS}
     meta = {'title': ds.title, 'table1': ds.info.get('table1'), 'modality': ds.modality, 'task': ds.task}
     return _stats_row(ds.name, meta, labels, ds.class_names, ds.image_shape, ds.is_3d, ds.size)
@@ -916,21 +376,22 @@ def _summary(entry, meta, root, size, cache_dir) -> dict:
     shape = (layout['channels'], *layout['spatial'])
     px = layout['spatial'][0]
     name = entry['name'] if px == meta.get('default_size', px) else f'{entry["name"]}_{px}'
-    return {**_stats_row(name, meta, labels, names, shape, layout['is_3d'], px), 'status': 'ok', 'source': str(path)}
+    return {**_stats_row(name, meta, labels, names, shape, layout['is_3d'], px), 'status': 'ok',
+            'source': str(path)}
 
 def _expected_paths(entry, meta, root) -> list:
     "[(size, path, present)] of the files or folders an entry can be read from."
     if entry['kind'] == 'medmnist':
-        return [(s, root / medmnist_file(meta['flag'], s), (root / medmnist_file(meta['flag'], s)).exists()) for s in meta['sizes']]
+        return [(s, p, p.exists()) for s in meta['sizes'] for p in [root / medmnist_file(meta['flag'], s)]]
     p = Path(entry['file'] if entry['kind'] == 'npz' else entry['folder']).expanduser()
     p = Path(os.path.normpath(p if p.is_absolute() else root / p))
     return [(None, p, p.exists())]
 
-_COLUMNS = ['name', 'table1', 'title', 'modality', 'dims', 'size', 'classes', 'train', 'val', 'test', 'image_shape',
-            'majority_class', 'majority_test_acc', 'train_class_counts', 'status', 'source']
+_COLUMNS = ['name', 'table1', 'title', 'modality', 'dims', 'size', 'classes', 'train', 'val', 'test',
+            'image_shape', 'majority_class', 'majority_test_acc', 'train_class_counts', 'status', 'source']
 
 def dataset_present(name: str, root=None, manifest=None) -> bool:
-    "Whether the files of dataset `name` (optionally `<name>_<size>`) are under the data root; nothing is read."
+    "Whether the files of dataset `name` (or `<name>_<size>`) are under the data root; nothing is read."
     entries = load_manifest(manifest)
     key, size = resolve_name(name, entries)
     paths = _expected_paths(entries[key], dataset_meta(entries[key]), data_root(root))
@@ -943,36 +404,41 @@ def _failed_status(e: Exception, path) -> str:
     fix = f'chmod a+r {where}' if isinstance(e, PermissionError) else 'check the file and its folder'
     return f'unreadable: {where}: {e.strerror or e}. Fix: {fix}'
 
+def _entry_rows(key, entry, root, cache_dir, include_absent) -> list:
+    "The report rows of one entry: one per file present (one that fails is a row too), or one 'absent' row."
+    meta, rows = dataset_meta(entry), []
+    variants = _expected_paths(entry, meta, root)
+    for size, path, present in variants:
+        if present:
+            try: rows.append(_summary(entry, meta, root, size, cache_dir))
+            except (DatasetError, OSError) as e:   # one bad or unreadable file is a row, not the end
+                rows.append({'name': key, 'title': meta.get('title'), 'table1': meta.get('table1') or '',
+                             'status': _failed_status(e, path), 'source': str(path)})
+    if include_absent and not any(p for _, _, p in variants):
+        rows.append({'name': key, 'title': meta.get('title'), 'table1': meta.get('table1') or '',
+                     'modality': meta.get('modality'), 'dims': '3D' if meta.get('is_3d') else '2D',
+                     'classes': meta.get('n_classes'), 'status': 'absent', 'source': str(variants[0][1])})
+    return rows
+
 def dataset_report(root=None, names=None, manifest=None, include_absent=False, cache_dir=None):
     "Table-1 statistics (a DataFrame) of every manifest dataset present under the root, or of the named ones."
     import pandas as pd
     root, entries, rows = data_root(root), load_manifest(manifest), []
     if names is None:
-        for key, entry in entries.items():
-            meta = dataset_meta(entry)
-            variants = _expected_paths(entry, meta, root)
-            for size, path, present in variants:
-                if present:
-                    try: rows.append(_summary(entry, meta, root, size, cache_dir))
-                    except (DatasetError, OSError) as e:   # one bad or unreadable file is a row, not the end
-                        rows.append({'name': key, 'title': meta.get('title'), 'table1': meta.get('table1') or '',
-                                     'status': _failed_status(e, path), 'source': str(path)})
-            if include_absent and not any(p for _, _, p in variants):
-                rows.append({'name': key, 'title': meta.get('title'), 'table1': meta.get('table1') or '',
-                             'modality': meta.get('modality'), 'dims': '3D' if meta.get('is_3d') else '2D',
-                             'classes': meta.get('n_classes'), 'status': 'absent', 'source': str(variants[0][1])})
+        for key, entry in entries.items(): rows += _entry_rows(key, entry, root, cache_dir, include_absent)
     else:
         for n in ([names] if isinstance(names, str) else names):
             key, size = resolve_name(n, entries)
-            entry = entries[key]
-            rows.append(_summary(entry, dataset_meta(entry), root, size, cache_dir))
+            rows.append(_summary(entries[key], dataset_meta(entries[key]), root, size, cache_dir))
     for r in rows:
         cc = r.pop('class_counts', None)
         r['train_class_counts'] = '/'.join(map(str, cc['train'])) if cc else ''
-        if isinstance(r.get('majority_test_acc'), float): r['majority_test_acc'] = round(r['majority_test_acc'], 1)
+        if isinstance(r.get('majority_test_acc'), float):
+            r['majority_test_acc'] = round(r['majority_test_acc'], 1)
     df = pd.DataFrame(rows, columns=_COLUMNS)
     for c in ('size', 'classes', 'train', 'val', 'test'): df[c] = df[c].astype('Int64')
-    text = ['table1', 'title', 'modality', 'dims', 'image_shape', 'majority_class', 'train_class_counts', 'status', 'source']
+    text = ['table1', 'title', 'modality', 'dims', 'image_shape', 'majority_class', 'train_class_counts',
+            'status', 'source']
     df[text] = df[text].astype(object).where(df[text].notna(), '')   # absent rows print blank, not NaN
     df.attrs['root'] = str(root)
     return df

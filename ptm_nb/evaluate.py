@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .io import write_json_atomic
+from .runs import EVAL_LR, eval_lr
 
 # %% auto #0
 __all__ = ['DEFAULT_LR', 'TENSOR_FILE', 'FIX_KINDS', 'READERS', 'SynsetError', 'LoadedSet', 'synset_kind', 'torch_load',
@@ -21,7 +22,7 @@ __all__ = ['DEFAULT_LR', 'TENSOR_FILE', 'FIX_KINDS', 'READERS', 'SynsetError', '
 class SynsetError(ValueError):
     "A synthetic set that cannot be evaluated as it is; the message names the file, what is wrong, the fix."
 
-DEFAULT_LR = 0.01       # the protocol's lr for a set without a learned one (as `ptm_nb.runs.run`)
+DEFAULT_LR = EVAL_LR    # the protocol's lr for a set without a learned one (`ptm_nb.runs.eval_lr`)
 TENSOR_FILE = re.compile(r'(images|labels|lr)_(.+)\.pt')
 FIX_KINDS = ('pass a synset.pt, an .npz holding images and labels (and optionally lr), or a folder (or one '
              'file) of images_<tag>.pt / labels_<tag>.pt / lr_<tag>.pt')
@@ -234,18 +235,15 @@ def eval_protocol(scale: str, dataset: str, ipc: int, volume: bool, hparams: dic
             'net_options': dict(s.get('net_options') or {})}
 
 def protocol_lr(s: LoadedSet) -> float:
-    "The set's lr, or 0.01 when it has none or its provenance names a method that learns none (as `run`)."
-    if s.kind == 'synset' and s.method:
-        from ptm_nb.runs import register_baselines
-        from ptm_nb.distill import METHODS
-        register_baselines()
-        if s.method in METHODS and not METHODS[s.method].learned_lr: return DEFAULT_LR
-    return DEFAULT_LR if s.lr is None else s.lr
+    """The set's lr, or 0.01 when it has none or its provenance (a synset.pt's) names a method that learns
+    none: the rule of every evaluation, `ptm_nb.runs.eval_lr`."""
+    return eval_lr(s.method, s)
 
 # %% ../nbs/10a_evaluate.ipynb #ecfbb043
 def dataset_for(s: LoadedSet, name: str | None = None, root=None):
     "The MedDataset to evaluate `s` on: `name`, else the dataset `s` records; present under the data root."
-    from ptm_nb.data import load_dataset, load_manifest, resolve_name, dataset_meta, data_root
+    from ptm_nb.data import load_dataset
+    from ptm_nb.manifest import load_manifest, resolve_name, dataset_meta, data_root
     from ptm_nb.data import _expected_paths
     name = name or s.dataset
     if not name:
@@ -278,10 +276,7 @@ def evaluate_set(path, dataset: str | None = None, net: str = 'convnet', scale: 
     res = evaluate_synset(x, y, ds.test_x, ds.test_y, net=net, net_options=p['net_options'], lr=lr,
                           epochs=p['epochs'], K=p['nets'], seed=seed, device=device, n_classes=ds.n_classes,
                           val=(ds.val_x, ds.val_y) if len(ds.val_y) else None)
-    return {'acc_mean': res.mean, 'acc_std': res.std, 'accs': list(res.accs), 'auc_mean': res.auc_mean,
-            'auc_std': res.auc_std, 'bal_acc_mean': res.bal_acc_mean, 'bal_acc_std': res.bal_acc_std,
-            'lr': lr, 'nets': p['nets'], 'epochs': p['epochs'], 'reported_at': 'final epoch',
-            'device': device, **res.val_dict(), 'source': str(s.images_file), 'kind': s.kind,
+    return {**res.to_dict(), 'source': str(s.images_file), 'kind': s.kind,      # a run's record, and more
             'dataset': ds.name, 'scale': scale, 'net': net, 'net_options': p['net_options'], 'seed': seed,
             'images': len(x), 'soft_labels': bool(y.is_floating_point())}
 

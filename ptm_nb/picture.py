@@ -88,7 +88,7 @@ def save_synset_png(path, images: torch.Tensor, labels: torch.Tensor, mean=None,
                     max_zoom: int = 8) -> Path:
     "Write the picture of a synthetic set to `path` (PNG, atomically); returns the path."
     from matplotlib.image import imsave
-    from ptm_nb.data import atomic_write
+    from ptm_nb.io import atomic_write
     mosaic = synset_mosaic(images, labels, mean, std, n_classes)
     zoom = max(1, min(int(max_zoom), int(target_px) // max(mosaic.shape[:2])))
     big = mosaic.repeat(zoom, 0).repeat(zoom, 1)

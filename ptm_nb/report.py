@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import ptm_nb
-from .data import load_dataset, load_manifest, resolve_name, dataset_meta, dataset_present, limit_train
+from .data import load_dataset, dataset_present, limit_train
+from .manifest import load_manifest, resolve_name, dataset_meta
 from .io import atomic_write, file_digest, read_json, read_or_quarantine
 from .distill import RunFolder, SyntheticSet, METHODS
 from .runs import RunSpec, run, load_hparams, resolve_device, RunResult, scale_for
-from .train import evaluate_synset, full_data_baseline, majority_class_accuracy
+from .runs import eval_lr, evaluate_on_net, evaluate_full_data
+from .train import evaluate_synset, majority_class_accuracy
+
 
 # %% auto #0
 __all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'METRICS', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table',
@@ -24,9 +27,9 @@ __all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'METRICS', 'outputs_root', 'cho
 
 # %% ../nbs/09a_report.ipynb #189ede73
 REPO = Path(ptm_nb.__file__).resolve().parent.parent
-NOTEBOOKS = ('tuning', 'table1_datasets', 'table2_mnist', 'table3_highres', 'table4_cross_arch', 'table5_ipc', 'fig1b_backend',
-             'fig3_time_memory', 'fig4_stability', 'fig5_overlap', 'fig6_loss_landscape', 'fig7_tsne',
-             'fig_synsets')
+NOTEBOOKS = ('tuning', 'table1_datasets', 'table2_mnist', 'table3_highres', 'table4_cross_arch', 'table5_ipc',
+             'fig1b_backend', 'fig3_time_memory', 'fig4_stability', 'fig5_overlap', 'fig6_loss_landscape',
+             'fig7_tsne', 'fig_synsets')
 
 def outputs_root(out=None) -> Path:
     "The outputs folder: `out`, else $PTM_OUTPUTS, else `outputs/` of the repository."
@@ -60,21 +63,28 @@ class Choice:
         return f'{self.title} ← {self.used_name}' if self.stand_in else self.title
 
 # %% ../nbs/09a_report.ipynb #3786d659
+def _blank(v) -> bool: return v is None or (isinstance(v, float) and math.isnan(v))
+
 def cell(mean: float, std: float, reported: float | None = None) -> str:
     "'67.01 ± 2.10 [67.01]': our mean ± std in %, the paper's value in brackets when it has one."
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)): return '–'
-    text = f'{100 * mean:.2f}' + ('' if std is None or (isinstance(std, float) and math.isnan(std)) else f' ± {100 * std:.2f}')
-    return text + (f' [{reported:.2f}]' if reported is not None and not (isinstance(reported, float) and math.isnan(reported)) else '')
+    if _blank(mean): return '–'
+    text = f'{100 * mean:.2f}' + ('' if _blank(std) else f' ± {100 * std:.2f}')
+    return text + ('' if _blank(reported) else f' [{reported:.2f}]')
 
-def wide_table(long, rows: str = 'method', columns=('dataset', 'ipc'), row_order=None, value: str = 'acc_mean'):
-    """The paper's layout of a long result table: one row per `rows`, one column per `columns` combination. `value`
-    picks the metric (`acc_mean`, `bal_acc_mean`, `auc_mean`), with its `_std` where the table has one; the paper's
-    value stands in brackets for the accuracy only, the one metric it reports."""
+def _row_order(index, first=None) -> list:
+    "The rows of `index`: those named in `first` in its order, then the others in theirs."
+    return [r for r in (first or []) if r in index] + [r for r in index if r not in (first or [])]
+
+def wide_table(long, rows: str = 'method', columns=('dataset', 'ipc'), row_order=None,
+               value: str = 'acc_mean'):
+    """The paper's layout of a long result table: one row per `rows`, one column per `columns` combination.
+    `value` picks the metric (`acc_mean`, `bal_acc_mean`, `auc_mean`), with its `_std` where the table has
+    one; the paper's value stands in brackets for the accuracy only, the one metric it reports."""
     import pandas as pd
     long, none = long.copy(), [None] * len(long)
     std = value[:-len('_mean')] + '_std' if value.endswith('_mean') else None
-    long['cell'] = [cell(m, s, r) for m, s, r in zip(long[value], long[std] if std in long else none,
-                                                     long.get('paper', none) if value == 'acc_mean' else none)]
+    paper = long.get('paper', none) if value == 'acc_mean' else none
+    long['cell'] = [cell(m, s, r) for m, s, r in zip(long[value], long[std] if std in long else none, paper)]
     if 'n_seeds' in long and long.n_seeds.notna().any():   # a cell over fewer seeds than the others says so
         most = long.n_seeds.max()
         long['cell'] = [c + (f' ({int(n)} seed{"s" if n > 1 else ""})' if n == n and n < most else '')
@@ -83,28 +93,30 @@ def wide_table(long, rows: str = 'method', columns=('dataset', 'ipc'), row_order
     long['column'] = [' / '.join(f'ipc {v}' if c == 'ipc' else str(v) for c, v in zip(cols, key))
                       for key in zip(*(long[c] for c in cols))]
     wide = long.pivot_table(index=rows, columns='column', values='cell', aggfunc='first', sort=False)
-    order = [r for r in (row_order or []) if r in wide.index] + [r for r in wide.index if r not in (row_order or [])]
-    wide = wide.reindex(order)
+    wide = wide.reindex(_row_order(wide.index, row_order))
     wide.columns.name = None
     return wide.fillna('–').reset_index()
 
 # %% ../nbs/09a_report.ipynb #c7b64f10
 class Paper:
-    "What one paper notebook needs: its scale and preset, datasets with stand-ins, shared runs, and its outputs."
+    """What one paper notebook needs: its scale and preset, datasets with stand-ins, shared runs, and its
+    outputs (the computations it caches are `ptm_nb.runs`': runs, other networks, the full-data rows)."""
     def __init__(self, notebook: str, scale: str = 'smoke', out=None, data_root=None, device: str = 'auto',
                  seed: int = 0, progress: bool = False, hparams: dict | None = None):
         self.hp = hparams or load_hparams()
-        if scale not in self.hp['scales']: raise ValueError(f'unknown scale {scale!r}: choose one of {sorted(self.hp["scales"])}')
+        if scale not in self.hp['scales']:
+            raise ValueError(f'unknown scale {scale!r}: choose one of {sorted(self.hp["scales"])}')
         self.notebook, self.scale, self.seed, self.progress = notebook, scale, seed, progress
         self.device, self.data_root = resolve_device(device), data_root
         self.root = outputs_root(out) / scale
-        self.tables, self.figures, self.notebooks = (self.root / d for d in ('tables', 'figures', 'notebooks'))
+        self.tables, self.figures, self.notebooks = (self.root / d
+                                                     for d in ('tables', 'figures', 'notebooks'))
         for d in (self.tables, self.figures, self.notebooks): d.mkdir(parents=True, exist_ok=True)
         self.config = self.hp.get('paper') or {}
         self.preset = (self.config.get('presets') or {}).get(scale) or {}
         self.nb_preset = (self.preset.get('notebooks') or {}).get(notebook) or {}
         self.parameters, self.choices, self.absent, self.files, self.missing_methods = {}, [], [], [], []
-        self.inputs = {}                                           # result file read -> its sha256 (see `used`)
+        self.inputs = {}                                  # result file read -> its sha256 (see `used`)
         from ptm_nb.grid import default_workers
         self.workers = default_workers()                          # processes of the embedded Dask cluster
         self._loaded, self.t0 = {}, time.time()
@@ -114,17 +126,19 @@ class Paper:
         for p in map(Path, paths):
             if not p.exists(): continue
             try: key = p.relative_to(self.root).as_posix()
-            except ValueError: key = str(p.resolve())              # outside this scale's folder: kept absolute
+            except ValueError: key = str(p.resolve())     # outside this scale's folder: kept absolute
             self.inputs[key] = file_digest(p)
 
     def param(self, name: str, value=None, default=None):
-        "`value` when given, else this scale's preset for the notebook, else `default`; recorded for the index."
+        """`value` when given, else this scale's preset for the notebook, else `default`; recorded for the
+        index."""
         chosen = value if value is not None else self.nb_preset.get(name, default)
         self.parameters[name] = chosen
         return chosen
 
     def methods(self, wanted=None) -> list[str]:
-        "The methods to run, in the paper's order: those asked for (default: all of the paper's) that are registered."
+        """The methods to run, in the paper's order: those asked for (default: all of the paper's) that are
+        registered."""
         wanted = list(wanted or self.config.get('methods') or sorted(METHODS))
         self.missing_methods = [m for m in wanted if m not in METHODS]
         return [m for m in wanted if m in METHODS]
@@ -152,11 +166,12 @@ class Paper:
 
     def compute(self, specs):
         """Plan, then execute: the expert buffers and runs that `specs` still need, as one task graph on Dask
-        (`ptm_nb.grid`: an embedded LocalCluster of `self.workers` processes; 0 = in this process). Finished runs
-        are no tasks, so a notebook that only reads back starts nothing."""
+        (`ptm_nb.grid`: an embedded LocalCluster of `self.workers` processes; 0 = in this process). Finished
+        runs are no tasks, so a notebook that only reads back starts nothing."""
         from ptm_nb.grid import plan, run_grid
         tasks = plan(specs, self.root, self.hp, self.data_root, {c.used_name: c.ds for c in self.choices})
-        result = run_grid(tasks, self.root, workers=self.workers, data_root=self.data_root, progress=self.progress)
+        result = run_grid(tasks, self.root, workers=self.workers, data_root=self.data_root,
+                          progress=self.progress)
         result.raise_failures()
         return result
 
@@ -179,51 +194,24 @@ class Paper:
         return v if isinstance(v, (int, float)) else None
 
     def evaluate(self, result: RunResult, net: str) -> dict:
-        """The run's synthetic set evaluated on another architecture `net` (Table 4), with the scale's evaluation
-        protocol; cached in the run folder as `eval_<net>.json`."""
-        path = result.folder.path / f'eval_{net}.json'
-        found = read_or_quarantine(path, read_json, f'the set is evaluated on {net} again')   # see ptm_nb.io
-        if found is not None: self.used(path); return found
-        cfg, ds = result.folder.config, self._loaded[result.folder.config['dataset']]
-        options = cfg['net_options'] if net == cfg['net'] else (self.preset.get('arch_options') or {}).get(net) or {}
-        s, ev = result.synset, cfg['eval']
-        res = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, net=net, net_options=options,
-                              lr=result.eval['lr'], epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'],
-                              device=self.device, n_classes=ds.n_classes,
-                              checkpoint=path.with_name(f'eval_{net}_checkpoint.pt'))
-        out = {'net': net, 'net_options': options, 'acc_mean': res.mean, 'acc_std': res.std, 'accs': list(res.accs),
-               'auc_mean': res.auc_mean, 'bal_acc_mean': res.bal_acc_mean, 'nets': ev['nets'], 'epochs': ev['epochs'],
-               'reported_at': 'final epoch', 'device': self.device}
-        atomic_write(path, lambda f: json.dump(out, f, indent=1, default=float), 'w')
-        self.used(path)
-        return out
+        """The run's synthetic set evaluated on another architecture `net` (Table 4) with its protocol, `net`
+        with this scale's `arch_options` for it (`ptm_nb.runs.evaluate_on_net`: cached in the run folder)."""
+        options = (self.preset.get('arch_options') or {}).get(net)
+        ds = self._loaded[result.folder.config['dataset']]
+        return evaluate_on_net(result, net, ds, options, self.device, used=self.used)
 
     def scale_preset(self, choice: Choice | None = None) -> dict:
         "This scale's preset, with its caps for `choice`'s dataset laid over it (as its runs resolve them)."
         return scale_for(self.hp['scales'][self.scale], choice.used_name if choice is not None else None)
 
     def full_data(self, choice: Choice, net: str = 'convnet') -> dict:
-        """The full-real-data row: nets trained on the whole training split (the scale's `full_data` preset: `nets`,
-        `epochs`, raised to `min_steps` SGD steps on a small split), with the network the dataset's runs are
-        evaluated with (its caps, e.g. a narrower 3D ConvNet); cached."""
-        fd = self.preset.get('full_data') or {'epochs': 30, 'nets': 3}
-        preset = self.scale_preset(choice)
-        options, cap = dict(preset.get('net_options') or {}), preset.get('max_train_per_class')
-        key = json.dumps({'dataset': choice.used_name, 'net': net, 'options': options, **fd, 'seed': self.seed,
-                          'max_train_per_class': cap}, sort_keys=True)
-        import hashlib
-        path = self.root / 'full_data' / f'{choice.used_name}-{net}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.json'
-        if path.exists(): self.used(path); return json.loads(path.read_text())
-        ds = limit_train(choice.ds, cap)
-        res = full_data_baseline(ds, epochs=fd['epochs'], K=fd['nets'], seed=self.seed, net=net, net_options=options,
-                                 device=self.device, min_steps=fd.get('min_steps', 0))
-        out = {'acc_mean': res.mean, 'acc_std': res.std, 'auc_mean': res.auc_mean, 'bal_acc_mean': res.bal_acc_mean,
-               'nets': fd['nets'], 'epochs': res.epochs, 'reported_at': 'final epoch', 'device': self.device,
-               'seconds': round(res.seconds, 1), 'config': json.loads(key)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: json.dump(out, f, indent=1, default=float), 'w')
-        self.used(path)
-        return out
+        """The full-real-data row (`ptm_nb.runs.evaluate_full_data`, cached): the scale's `full_data` preset
+        (`nets`, `epochs`, `min_steps`), with the network and training cap the dataset's runs have (its caps,
+        e.g. a narrower 3D ConvNet)."""
+        caps = self.scale_preset(choice)
+        return evaluate_full_data(choice.ds, choice.used_name, self.root, net, caps.get('net_options') or {},
+                                  self.preset.get('full_data'), self.seed, caps.get('max_train_per_class'),
+                                  self.device, used=self.used)
 
     def majority(self, choice: Choice) -> float:
         "Accuracy of always answering the most frequent test class (shown beside every table)."
@@ -235,8 +223,9 @@ class Paper:
             per = '; '.join(f'{k if isinstance(k, str) else f"ipc {k}"}: {len(v)} ({", ".join(map(str, v))})'
                             for k, v in seeds.items())
         else: per = f'{len(seeds)} ({", ".join(map(str, seeds))})'
-        return (f'Distillation seeds per cell: {per}; a cell is the mean ± std over seeds of each seed\'s mean over '
-                'its nets (one seed: the std over its nets). Seed s gives every method the same initial real images.')
+        return (f'Distillation seeds per cell: {per}; a cell is the mean ± std over seeds of each seed\'s '
+                'mean over its nets (one seed: the std over its nets). Seed s gives every method the same '
+                'initial real images.')
 
     def data_note(self) -> str:
         "Which data stood in for which, and what was absent."
@@ -246,14 +235,16 @@ class Paper:
         return text + '.'
 
     def protocol_note(self, reported: bool = True, metric: str = 'Accuracy') -> str:
-        "The evaluation protocol of this scale, as every table states it (the `metric`, and what the brackets hold)."
+        """The evaluation protocol of this scale, as every table states it (the `metric`, and what the
+        brackets hold)."""
         s = self.scale_preset()
         e, o = s['eval'], s.get('net_options') or {}
-        # a dataset with its own caps (e.g. the narrower 3D ConvNet) says so, for its rows and its full-data row
+        # a dataset with its own caps (e.g. the narrower 3D ConvNet) says so, for its rows and full-data row
         own = [f"{c.used_name}: {c_o}" for c in self.choices
                if (c_o := self.scale_preset(c).get('net_options') or {}) != o]
-        return (f"{metric} (%) on the real test split of {e['nets']} freshly initialised nets trained on each set for "
-                f"{e['epochs']} epochs, mean ± std at the **final epoch** (not the best); ConvNet options {o}"
+        return (f"{metric} (%) on the real test split of {e['nets']} freshly initialised nets trained on "
+                f"each set for {e['epochs']} epochs, mean ± std at the **final epoch** (not the best); "
+                f"ConvNet options {o}"
                 + (f" ({'; '.join(own)})" if own else '') + f"; scale `{self.scale}`."
                 + (" In brackets: the value the paper reports." if reported else ''))
 
@@ -281,13 +272,13 @@ class Paper:
         "Record what this notebook used and wrote, and rewrite the scale's index page."
         s = self.hp['scales'][self.scale]
         record = {'notebook': self.notebook, 'scale': self.scale, 'parameters': self.parameters,
-                  'datasets': [{'paper': c.paper_name, 'used': c.used_name, 'label': c.label, 'stand_in': c.stand_in}
-                               for c in self.choices],
+                  'datasets': [{'paper': c.paper_name, 'used': c.used_name, 'label': c.label,
+                                'stand_in': c.stand_in} for c in self.choices],
                   'absent': self.absent, 'missing_methods': self.missing_methods,
                   'inputs': dict(sorted(self.inputs.items())),
                   'files': sorted({str(p.relative_to(self.root)) for p in self.files}),
-                  'preset': {'net_options': s.get('net_options'), 'experts': s.get('experts'), 'eval': s.get('eval'),
-                             'methods': s.get('methods')},
+                  'preset': {'net_options': s.get('net_options'), 'experts': s.get('experts'),
+                             'eval': s.get('eval'), 'methods': s.get('methods')},
                   'device': self.device, 'seconds': round(time.time() - self.t0, 1),
                   'finished': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
         path = self.notebooks / f'{self.notebook}.json'
@@ -297,8 +288,9 @@ class Paper:
 
 # %% ../nbs/09a_report.ipynb #692e8db9
 METHOD_TITLES = {'random': 'Random real', 'dc': 'DC', 'dsa': 'DSA', 'dm': 'DM', 'cafe': 'CAFE', 'mtt': 'MTT',
-                 'smdd': 'SMDD', 'haba': 'HaBa', 'ftd': 'FTD', 'datm': 'DATM', 'seqmatch': 'SeqMatch', 'ptm': 'PTM',
-                 'mtt_backend': 'MTT, back-end starts', 'full': 'Full real data', 'majority': 'Majority class'}
+                 'smdd': 'SMDD', 'haba': 'HaBa', 'ftd': 'FTD', 'datm': 'DATM', 'seqmatch': 'SeqMatch',
+                 'ptm': 'PTM', 'mtt_backend': 'MTT, back-end starts', 'full': 'Full real data',
+                 'majority': 'Majority class'}
 
 def method_title(name: str) -> str: return METHOD_TITLES.get(name, name)
 
@@ -307,61 +299,71 @@ def distill_seconds(res: RunResult) -> float | None:
     wall = [r['wall_s'] for r in res.folder.metrics() if r.get('wall_s') is not None]
     return round(wall[-1], 1) if wall else None
 
-def result_row(paper: Paper, table: str, choice: Choice, ipc: int, method: str, res: RunResult, **extra) -> dict:
+def result_row(paper: Paper, table: str, choice: Choice, ipc: int, method: str, res: RunResult,
+               **extra) -> dict:
     "One long-table row of a finished run (accuracies as fractions, the paper's value in %)."
     e = res.eval
     return {'method': method_title(method), 'dataset': choice.label, 'used': choice.used_name, 'ipc': ipc,
             'seed': res.folder.config['seed'], 'device': e.get('device'), 'distill_s': distill_seconds(res),
-            'acc_mean': e['acc_mean'], 'acc_std': e['acc_std'], 'auc_mean': e['auc_mean'], 'auc_std': e.get('auc_std'),
+            'acc_mean': e['acc_mean'], 'acc_std': e['acc_std'], 'auc_mean': e['auc_mean'],
+            'auc_std': e.get('auc_std'),
             'bal_acc_mean': e['bal_acc_mean'], 'bal_acc_std': e.get('bal_acc_std'),
             'nets': e['nets'], 'epochs': e['epochs'], 'lr': e['lr'],
             'paper': paper.reported(table, choice, ipc, method), 'run': res.folder.path.name, **extra}
 
 def seeds_for(seeds, ipc: int, method: str | None = None) -> list[int]:
-    """The distillation seeds of a cell: `seeds` is one list for every cell, or a dict keyed by method and/or ipc
-    (`{'datm': [0], 10: [0], 'default': [0, 1, 2]}`: a method's entry wins, then the ipc's, then 'default'), for
-    fewer seeds where runs cost more; every table says how many seeds each cell has."""
+    """The distillation seeds of a cell: `seeds` is one list for every cell, or a dict keyed by method and/or
+    ipc (`{'datm': [0], 10: [0], 'default': [0, 1, 2]}`: a method's entry wins, then the ipc's, then
+    'default'), for fewer seeds where runs cost more; every table says how many seeds each cell has."""
     if isinstance(seeds, dict):
         for key in (method, ipc, str(ipc), 'default'):
             if key is not None and key in seeds: return [int(s) for s in seeds[key]]
         return [0]
     return [int(s) for s in seeds]
 
+def _reference_rows(paper: Paper, table: str, choice: Choice, ipcs) -> list[dict]:
+    "The full-real-data and majority-class rows of a dataset, one of each per ipc column."
+    full, maj, rows = paper.full_data(choice), paper.majority(choice), []
+    where = {'dataset': choice.label, 'used': choice.used_name}
+    for ipc in ipcs:
+        rows.append({'method': method_title('full'), **where, 'ipc': ipc, 'acc_mean': full['acc_mean'],
+                     'acc_std': full['acc_std'], 'auc_mean': full['auc_mean'],
+                     'bal_acc_mean': full['bal_acc_mean'], 'nets': full['nets'], 'epochs': full['epochs'],
+                     'paper': paper.reported(table, choice, None, 'full')})
+        # always answering one class: balanced accuracy 1/C (the recall of one class is 1, of the rest 0),
+        # AUC 0.5
+        rows.append({'method': method_title('majority'), **where, 'ipc': ipc, 'acc_mean': maj,
+                     'acc_std': float('nan'), 'auc_mean': 0.5, 'bal_acc_mean': 1 / choice.ds.n_classes})
+    return rows
+
 def results_grid(paper: Paper, table: str, datasets, ipcs, methods, reference_rows: bool = True, seeds=None):
-    """Every method × dataset × ipc × seed run (computed first as one task graph, then read back), plus per dataset
-    the full-real-data and majority-class rows; a long DataFrame with one row per run (see `over_seeds`)."""
+    """Every method × dataset × ipc × seed run (computed first as one task graph, then read back), plus per
+    dataset the full-real-data and majority-class rows; a long DataFrame with one row per run (see
+    `over_seeds`)."""
     import pandas as pd
     choices = paper.datasets(datasets)
     seeds = [paper.seed] if seeds is None else seeds
-    cells = [(c, ipc, s, m) for c in choices for ipc in ipcs for m in methods for s in seeds_for(seeds, ipc, m)]
+    cells = [(c, ipc, s, m) for c in choices for ipc in ipcs for m in methods
+             for s in seeds_for(seeds, ipc, m)]
     paper.compute([paper.spec(m, c, ipc, seed=s) for c, ipc, s, m in cells])       # plan, then execute
     rows = [result_row(paper, table, c, ipc, m, paper.run(m, c, ipc, seed=s)) for c, ipc, s, m in cells]
-    for choice in choices:
-        if reference_rows:
-            full, maj = paper.full_data(choice), paper.majority(choice)
-            for ipc in ipcs:
-                rows.append({'method': method_title('full'), 'dataset': choice.label, 'used': choice.used_name, 'ipc': ipc,
-                             'acc_mean': full['acc_mean'], 'acc_std': full['acc_std'], 'auc_mean': full['auc_mean'],
-                             'bal_acc_mean': full['bal_acc_mean'], 'nets': full['nets'], 'epochs': full['epochs'],
-                             'paper': paper.reported(table, choice, None, 'full')})
-                # always answering one class: balanced accuracy 1/C (the recall of one class is 1, of the rest 0), AUC 0.5
-                rows.append({'method': method_title('majority'), 'dataset': choice.label, 'used': choice.used_name,
-                             'ipc': ipc, 'acc_mean': maj, 'acc_std': float('nan'), 'auc_mean': 0.5,
-                             'bal_acc_mean': 1 / choice.ds.n_classes})
+    for choice in choices if reference_rows else ():
+        rows += _reference_rows(paper, table, choice, ipcs)
     return pd.DataFrame(rows)
 
 METRICS = ('acc', 'bal_acc', 'auc')
 
 def over_seeds(long):
-    """One row per method × dataset × ipc: each metric's mean ± std **over the distillation seeds** (of the per-seed
-    means over nets), with `n_seeds`; rows without seeds (full data, majority) pass as they are."""
+    """One row per method × dataset × ipc: each metric's mean ± std **over the distillation seeds** (of the
+    per-seed means over nets), with `n_seeds`; rows without seeds (full data, majority) pass as they are."""
     import pandas as pd
     if 'seed' not in long or not len(long): return long
     runs, other = long[long.seed.notna()], long[long.seed.isna()]
     keys = ['method', 'dataset', 'used', 'ipc']
     rows = []
     for key, part in runs.groupby(keys, sort=False):
-        row = {**dict(zip(keys, key)), 'n_seeds': len(part), 'seeds': ','.join(str(int(s)) for s in part.seed),
+        row = {**dict(zip(keys, key)), 'n_seeds': len(part),
+               'seeds': ','.join(str(int(s)) for s in part.seed),
                'paper': part['paper'].iloc[0] if 'paper' in part else None,
                'device': ','.join(sorted(set(map(str, part.device.dropna())))) if 'device' in part else None,
                'distill_s': part.distill_s.mean() if 'distill_s' in part else None,
@@ -376,14 +378,15 @@ def over_seeds(long):
 
 def paired_differences(long, reference: str = 'PTM', metric: str = 'acc_mean'):
     """`reference` − each other method, seed by seed (the same seed: the same initial real images and expert
-    draws where the methods allow): mean ± std of the differences, and in how many seeds `reference` is ahead."""
+    draws where the methods allow): mean ± std of the differences, and in how many seeds `reference` is
+    ahead."""
     import pandas as pd
     runs = long[long.seed.notna()] if 'seed' in long else long.iloc[:0]
     idx = ['used', 'ipc', 'seed']
     ref = runs[runs.method == reference].set_index(idx)[metric]
     rows = []
-    for (method, dataset, used, ipc), part in runs[runs.method != reference].groupby(['method', 'dataset', 'used', 'ipc'],
-                                                                                     sort=False):
+    others = runs[runs.method != reference].groupby(['method', 'dataset', 'used', 'ipc'], sort=False)
+    for (method, dataset, used, ipc), part in others:
         d = (ref - part.set_index(idx)[metric]).dropna()
         if not len(d): continue
         rows.append({'baseline': method, 'dataset': dataset, 'used': used, 'ipc': ipc, 'diff_mean': d.mean(),
@@ -394,40 +397,48 @@ def paired_table(diffs, row_order=None):
     "The paired differences laid out like the tables: '+3.10 ± 1.20 (3/3)' in points, one row per baseline."
     if not len(diffs): return diffs
     d = diffs.copy()
-    d['cell'] = [f'{100 * m:+.2f} ± {100 * s:.2f} ({w}/{n})' for m, s, w, n in zip(d.diff_mean, d.diff_std, d.wins, d.seeds)]
+    d['cell'] = [f'{100 * m:+.2f} ± {100 * s:.2f} ({w}/{n})'
+                 for m, s, w, n in zip(d.diff_mean, d.diff_std, d.wins, d.seeds)]
     d['column'] = [f'{ds} / ipc {i}' for ds, i in zip(d.dataset, d.ipc)]
     wide = d.pivot_table(index='baseline', columns='column', values='cell', aggfunc='first', sort=False)
-    order = [r for r in (row_order or []) if r in wide.index] + [r for r in wide.index if r not in (row_order or [])]
-    wide = wide.reindex(order); wide.columns.name = None
+    wide = wide.reindex(_row_order(wide.index, row_order)); wide.columns.name = None
     return wide.fillna('–').reset_index()
 
+def _snapshot_eval(paper: Paper, result: RunResult, path: Path) -> dict:
+    """The record of the snapshot `path` of a run, evaluated with the run's protocol (`EvalResult.to_dict`);
+    cached beside it as `iter_<k>.eval.json`."""
+    cache = path.with_suffix('.eval.json')
+    e = read_or_quarantine(cache, read_json, 'the snapshot is evaluated again')
+    if e is None:
+        cfg, s = result.folder.config, SyntheticSet.load(path)
+        ds, ev = paper._loaded[cfg['dataset']], cfg['eval']
+        r = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, net=cfg['net'],
+                            net_options=cfg['net_options'], lr=eval_lr(cfg['method'], s), epochs=ev['epochs'],
+                            K=ev['nets'], seed=cfg['seed'], device=paper.device, n_classes=ds.n_classes,
+                            checkpoint=path.with_name(f'eval_checkpoint_{path.stem}.pt'))  # not iter_*
+        e = r.to_dict()
+        atomic_write(cache, lambda f: json.dump(e, f), 'w')
+    paper.used(cache)
+    return e
+
 def curve(paper: Paper, result: RunResult, points: int = 5):
-    """Accuracy of the set at up to `points` snapshots of the run (evenly spread, the last always included), with
-    the wall-clock seconds of distillation up to each; the final point is the run's own evaluation."""
+    """Accuracy of the set at up to `points` snapshots of the run (evenly spread, the last always included),
+    with the wall-clock seconds of distillation up to each; the final point is the run's own evaluation."""
     import pandas as pd
     snaps = result.folder.snapshots()
     last = result.folder.config['hp'].get('iterations')
     snaps = [(i, p) for i, p in snaps if i != last]
-    if points > 1 and snaps:
-        pick = sorted({round(k * (len(snaps) - 1) / max(points - 2, 1)) for k in range(points - 1)}) if points > 2 else [len(snaps) - 1]
-        snaps = [snaps[k] for k in pick]
+    if points > 2 and snaps:
+        snaps = [snaps[k] for k in sorted({round(k * (len(snaps) - 1) / (points - 2))
+                                           for k in range(points - 1)})]
+    elif points == 2 and snaps: snaps = snaps[-1:]
     else: snaps = []
     wall = {r['iteration']: r.get('wall_s') for r in result.folder.metrics()}
-    cfg, ds = result.folder.config, paper._loaded[result.folder.config['dataset']]
     rows = []
     for it, path in snaps:
-        cache = path.with_suffix('.eval.json')
-        e = read_or_quarantine(cache, read_json, 'the snapshot is evaluated again')
-        if e is None:
-            s, ev = SyntheticSet.load(path), cfg['eval']
-            r = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, net=cfg['net'], net_options=cfg['net_options'],
-                                lr=s.lr if METHODS[cfg['method']].learned_lr else 0.01, epochs=ev['epochs'], K=ev['nets'],
-                                seed=cfg['seed'], device=paper.device, n_classes=ds.n_classes,
-                                checkpoint=path.with_name(f'eval_checkpoint_{path.stem}.pt'))   # not iter_*: no snapshot
-            e = {'acc_mean': r.mean, 'acc_std': r.std}
-            atomic_write(cache, lambda f: json.dump(e, f), 'w')
-        paper.used(cache)
-        rows.append({'iteration': it, 'wall_s': wall.get(it), 'acc_mean': e['acc_mean'], 'acc_std': e['acc_std']})
+        e = _snapshot_eval(paper, result, path)
+        rows.append({'iteration': it, 'wall_s': wall.get(it), 'acc_mean': e['acc_mean'],
+                     'acc_std': e['acc_std']})
     final_it = max(wall) if wall else last
     rows.append({'iteration': final_it, 'wall_s': wall.get(final_it), 'acc_mean': result.eval['acc_mean'],
                  'acc_std': result.eval['acc_std']})
@@ -435,7 +446,8 @@ def curve(paper: Paper, result: RunResult, points: int = 5):
 
 # %% ../nbs/09a_report.ipynb #6ab64e5a
 def full_data_note(long) -> str:
-    "What the full-real-data rows of a long table trained: nets × epochs per dataset (more epochs on a small split)."
+    """What the full-real-data rows of a long table trained: nets × epochs per dataset (more epochs on a small
+    split)."""
     full = long[long.method == method_title('full')].drop_duplicates('used') if len(long) else long
     if not len(full): return ''
     parts = [f"{r.used}: {int(r.nets)} nets × {int(r.epochs)} epochs" for r in full.itertuples()]
@@ -463,6 +475,28 @@ def _failed_line(name: str, info: dict, has_record: bool) -> str:
     return (f'**Last run failed**{when}{error}. {shown}. The failed run\'s executed cells: '
             f'[notebooks/{name}.failed.ipynb](notebooks/{name}.failed.ipynb)  ')
 
+def _index_section(root: Path, name: str, r: dict) -> list[str]:
+    "The lines of the index for notebook `name` with record `r`: its data, parameters, tables and figures."
+    lines = []
+    if (root / 'notebooks' / f'{name}.ipynb').exists():
+        page = f' ([html](html/{name}.html))' if (root / 'html' / f'{name}.html').exists() else ''
+        lines.append(f'Executed notebook: [notebooks/{name}.ipynb](notebooks/{name}.ipynb){page}  ')
+    data = ', '.join(d['label'] + (' (stand-in)' if d['stand_in'] else '') for d in r['datasets'])
+    lines.append(f'Data: {data or "none"}  ')
+    if r['absent']: lines.append(f"Absent (skipped): {', '.join(r['absent'])}  ")
+    if r.get('missing_methods'):
+        lines.append(f"Methods not available yet: {', '.join(r['missing_methods'])}  ")
+    lines.append(f"Parameters: `{json.dumps(r['parameters'], default=str)}`; {r['seconds']} s on "
+                 f"{r['device']}, finished {r['finished']}  ")
+    lines.append('')
+    for f in r['files']:
+        if f.endswith('.md') and (root / f).exists():
+            lines += [(root / f).read_text().replace('## ', '### ', 1),
+                      f'([markdown]({f}), [csv]({f[:-3]}.csv))', '']
+        elif f.endswith('.png'):
+            lines += [f'![{Path(f).stem}]({f}) ([pdf]({f[:-4]}.pdf))', '']
+    return lines
+
 def write_index(root) -> Path:
     """`<root>/README.md`: every recorded notebook with its data, parameters, tables (inline) and figures; a
     notebook whose last run failed is marked as such (`failed_notebooks`), above the tables of its last
@@ -474,38 +508,23 @@ def write_index(root) -> Path:
     named = {*records, *failed}
     order = [n for n in NOTEBOOKS if n in named] + sorted(n for n in named if n not in NOTEBOOKS)
     lines = [f'# Paper reproduction at scale `{root.name}`', '',
-             'Produced by the notebooks in `nbs/paper/` (`ptm-nb reproduce`). Accuracies are at the final epoch. '
-             'Each section says which data stood in for an absent paper dataset and which preset ran.', '']
+             'Produced by the notebooks in `nbs/paper/` (`ptm-nb reproduce`). Accuracies are at the final '
+             'epoch. Each section says which data stood in for an absent paper dataset and which preset ran.',
+             '']
     if failed:
         names = ', '.join(n for n in order if n in failed)
         lines += [f'**Failed at their last run**: {names} (marked below).', '']
     if records:
         pre = records[next(n for n in order if n in records)]['preset']
-        lines += [f"Preset `{root.name}`: ConvNet {pre['net_options']}, experts {pre['experts']}, evaluation {pre['eval']}, "
-                  f"method caps {pre['methods']}.", '']
+        lines += [f"Preset `{root.name}`: ConvNet {pre['net_options']}, experts {pre['experts']}, evaluation "
+                  f"{pre['eval']}, method caps {pre['methods']}.", '']
     if (root / 'html' / 'index.html').exists():
         lines += ['The executed notebooks as static HTML (`ptm-nb html`): [html/index.html](html/index.html)',
                   '']
     for name in order:
         lines += [f'## {name}' + (' (last run failed)' if name in failed else ''), '']
         if name in failed: lines += [_failed_line(name, failed[name], name in records), '']
-        if name not in records: continue
-        r = records[name]
-        if (root / 'notebooks' / f'{name}.ipynb').exists():
-            page = f' ([html](html/{name}.html))' if (root / 'html' / f'{name}.html').exists() else ''
-            lines.append(f'Executed notebook: [notebooks/{name}.ipynb](notebooks/{name}.ipynb){page}  ')
-        data = ', '.join(d['label'] + (' (stand-in)' if d['stand_in'] else '') for d in r['datasets']) or 'none'
-        lines.append(f'Data: {data}  ')
-        if r['absent']: lines.append(f"Absent (skipped): {', '.join(r['absent'])}  ")
-        if r.get('missing_methods'): lines.append(f"Methods not available yet: {', '.join(r['missing_methods'])}  ")
-        lines.append(f"Parameters: `{json.dumps(r['parameters'], default=str)}`; {r['seconds']} s on {r['device']}, "
-                     f"finished {r['finished']}  ")
-        lines.append('')
-        for f in r['files']:
-            if f.endswith('.md') and (root / f).exists():
-                lines += [(root / f).read_text().replace('## ', '### ', 1), f'([markdown]({f}), [csv]({f[:-3]}.csv))', '']
-            elif f.endswith('.png'):
-                lines += [f'![{Path(f).stem}]({f}) ([pdf]({f[:-4]}.pdf))', '']
+        if name in records: lines += _index_section(root, name, records[name])
     path = root / 'README.md'
     atomic_write(path, lambda fh: fh.write('\n'.join(lines) + '\n'), 'w')
     return path
@@ -554,7 +573,8 @@ def write_html(root, force: bool = False) -> list[Path]:
 
 # %% ../nbs/09a_report.ipynb #28cc976b
 def changed_inputs(record: dict, root) -> list[str]:
-    "The result files a finished notebook read (its record's `inputs`) that are gone or differ from what it read."
+    """The result files a finished notebook read (its record's `inputs`) that are gone or differ from what it
+    read."""
     return [p for p, digest in (record.get('inputs') or {}).items()
             if not (Path(root) / p).exists() or file_digest(Path(root) / p) != digest]
 
@@ -571,33 +591,37 @@ def select_notebooks(only=None) -> list[str]:
     chosen = []
     for w in wanted:
         hits = [n for n in NOTEBOOKS if n == w or n.split('_')[0] == w]
-        if not hits: raise ValueError(f'--only {w!r}: no such paper notebook; choose from {", ".join(NOTEBOOKS)} '
+        if not hits: raise ValueError(f'--only {w!r}: no such paper notebook; choose from '
+                                      f'{", ".join(NOTEBOOKS)} '
                                       f'(or their prefixes: {", ".join(n.split("_")[0] for n in NOTEBOOKS)})')
         chosen += [h for h in hits if h not in chosen]
     return [n for n in NOTEBOOKS if n in chosen]
 
 def check_methods(methods) -> list[str]:
-    "`methods` as a list, each a registered method, in the order given; an unknown one raises, naming the known ones."
+    """`methods` as a list, each a registered method, in the order given; an unknown one raises, naming the
+    known ones."""
     from ptm_nb.runs import register_baselines
     register_baselines()
     methods = [m.strip() for m in (methods.split(',') if isinstance(methods, str) else methods) if m.strip()]
     if not methods: raise ValueError('--methods names no method: give comma-separated methods, e.g. dm,ptm')
     unknown = [m for m in methods if m not in METHODS]
-    if unknown: raise ValueError(f'--methods {",".join(unknown)}: unknown method; registered: {", ".join(sorted(METHODS))}')
+    if unknown: raise ValueError(f'--methods {",".join(unknown)}: unknown method; registered: '
+                                 f'{", ".join(sorted(METHODS))}')
     return methods
 
 def check_ipcs(ipcs) -> list[int]:
     "`ipcs` ('2,10' or [2, 10]) as a list of positive whole numbers; anything else raises, naming the flag."
     try: out = [int(i) for i in (ipcs.split(',') if isinstance(ipcs, str) else ipcs) if str(i).strip()]
     except ValueError: out = []
-    if not out or min(out) < 1: raise ValueError(f'--ipcs {ipcs!r}: give positive whole numbers separated by commas, e.g. 2,10')
+    if not out or min(out) < 1:
+        raise ValueError(f'--ipcs {ipcs!r}: give positive whole numbers separated by commas, e.g. 2,10')
     return out
 
 def check_datasets(datasets) -> list[str]:
     """`datasets` ('a,b' or a list) as a list, each a dataset the notebooks know: a manifest dataset
     (optionally at a size, `breastmnist_64`) or a paper dataset that has stand-ins; an unknown one, or none at
     all, raises."""
-    from ptm_nb.data import DatasetError
+    from ptm_nb.manifest import DatasetError
     given = datasets.split(',') if isinstance(datasets, str) else datasets
     names = [str(d).strip() for d in given if str(d).strip()]
     if not names: raise ValueError(f'--datasets {datasets!r} names no dataset: give comma-separated '
@@ -617,55 +641,71 @@ def notebook_params(name: str, common: dict, methods=None, ipcs=None) -> dict:
     if not name.startswith('table') or name == 'table1_datasets': return dict(common)
     return {**common, **{k: v for k, v in (('methods', methods), ('ipcs', ipcs)) if v}}
 
+def _finished_before(name: str, stamp: dict, root: Path, log) -> bool:
+    """Whether paper notebook `name` ran before under `root` with the same source and parameters (`stamp`) and
+    every result file it read is unchanged since (`changed_inputs`); then `reproduce` skips it."""
+    nb_dir = root / 'notebooks'
+    executed, record, stamp_path = (nb_dir / f'{name}{end}' for end in ('.ipynb', '.json', '.run.json'))
+    if not (executed.exists() and record.exists() and stamp_path.exists()
+            and json.loads(stamp_path.read_text()) == stamp): return False
+    changed = changed_inputs(json.loads(record.read_text()), root)
+    if changed:
+        log(f'{name}: {len(changed)} result file(s) it read changed since it ran ({changed[0]}'
+            f'{", ..." if len(changed) > 1 else ""}); running it again')
+    return not changed
+
+def _execute(name: str, src: Path, params: dict, nb_dir: Path, log) -> dict:
+    """Run the paper notebook `src` through papermill into `<nb_dir>/<name>.ipynb`; its status. A failure
+    keeps the executed cells as `<name>.failed.ipynb` and the error in `<name>.failed.json` (the index marks
+    it, `write_index`); a success removes those of an earlier failure."""
+    import papermill as pm
+    partial, executed, t0 = nb_dir / f'{name}.partial.ipynb', nb_dir / f'{name}.ipynb', time.time()
+    try:
+        pm.execute_notebook(str(src), str(partial), parameters=params, kernel_name='python3',
+                            progress_bar=False, cwd=str(src.parent))
+    except Exception as e:                                     # the notebook's own error, shown with its cell
+        failed = nb_dir / f'{name}.failed.ipynb'
+        if partial.exists(): os.replace(partial, failed)
+        msg = str(e).strip().splitlines()
+        error = msg[-1] if msg else repr(e)
+        info = {'error': error,
+                'failed': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
+        atomic_write(nb_dir / f'{name}.failed.json', lambda f: json.dump(info, f, indent=1), 'w')
+        log(f'{name}: FAILED after {time.time() - t0:.0f} s ({error}); executed cells: {failed}')
+        return {'notebook': name, 'status': 'failed', 'path': str(failed), 'error': error}
+    os.replace(partial, executed)
+    for old in (f'{name}.failed.ipynb', f'{name}.failed.json'):     # an earlier failure would now mislead
+        (nb_dir / old).unlink(missing_ok=True)
+    log(f'{name}: done in {time.time() - t0:.0f} s -> {executed}')
+    return {'notebook': name, 'status': 'done', 'path': str(executed), 'seconds': round(time.time() - t0, 1)}
+
 def reproduce(scale: str = 'smoke', only=None, datasets=None, out=None, data_root=None, device: str = 'auto',
               force: bool = False, progress: bool = True, log=print, methods=None, ipcs=None) -> list[dict]:
-    """Execute the paper notebooks at `scale`; returns one status per notebook ('done', 'skipped' or 'failed').
-    `datasets` goes to every notebook; `methods` and `ipcs` to Tables 2-5 (the figures keep their own methods and
-    single ipc)."""
-    import papermill as pm
+    """Execute the paper notebooks at `scale`; returns one status per notebook ('done', 'skipped' or
+    'failed'). `datasets` goes to every notebook; `methods` and `ipcs` to Tables 2-5 (the figures keep their
+    own methods and single ipc)."""
     from tqdm.auto import tqdm
     names, base = select_notebooks(only), outputs_root(out)     # every selection checked before a kernel
     if methods is not None: methods = check_methods(methods)
     if ipcs is not None: ipcs = check_ipcs(ipcs)
     if datasets is not None: datasets = check_datasets(datasets)
-    root = base / scale; (root / 'notebooks').mkdir(parents=True, exist_ok=True)
+    root = base / scale; nb_dir = root / 'notebooks'; nb_dir.mkdir(parents=True, exist_ok=True)
     common = {'scale': scale, 'out': str(base), 'device': device, 'progress': False}
     if data_root is not None: common['data_root'] = str(data_root)
     if datasets: common['datasets'] = list(datasets)
     statuses = []
     for name in tqdm(names, desc=f'paper notebooks ({scale})', disable=not progress):
-        src, nb_dir = paper_notebook(name), root / 'notebooks'
-        if not src.exists(): raise FileNotFoundError(f'{src} is missing: restore nbs/paper/ from the repository')
+        src = paper_notebook(name)
+        if not src.exists():
+            raise FileNotFoundError(f'{src} is missing: restore nbs/paper/ from the repository')
         params = notebook_params(name, common, methods, ipcs)
-        executed, record, stamp_path = nb_dir / f'{name}.ipynb', nb_dir / f'{name}.json', nb_dir / f'{name}.run.json'
         stamp = {'source_sha256': file_digest(src), 'parameters': params}
-        if (not force and executed.exists() and record.exists() and stamp_path.exists()
-                and json.loads(stamp_path.read_text()) == stamp):
-            changed = changed_inputs(json.loads(record.read_text()), root)
-            if not changed:
-                statuses.append({'notebook': name, 'status': 'skipped', 'path': str(executed)}); log(f'{name}: finished before, skipped')
-                continue
-            log(f'{name}: {len(changed)} result file(s) it read changed since it ran ({changed[0]}{", ..." if len(changed) > 1 else ""}); running it again')
-        partial, t0 = nb_dir / f'{name}.partial.ipynb', time.time()
-        try:
-            pm.execute_notebook(str(src), str(partial), parameters=params, kernel_name='python3',
-                                progress_bar=False, cwd=str(src.parent))
-        except Exception as e:                                     # the notebook's own error, shown with its cell
-            failed = nb_dir / f'{name}.failed.ipynb'
-            if partial.exists(): os.replace(partial, failed)
-            msg = str(e).strip().splitlines()
-            statuses.append({'notebook': name, 'status': 'failed', 'path': str(failed), 'error': msg[-1] if msg else repr(e)})
-            when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
-            info = {'error': statuses[-1]['error'], 'failed': when}
-            atomic_write(nb_dir / f'{name}.failed.json',        # the index marks it (`write_index`)
-                         lambda f: json.dump(info, f, indent=1), 'w')
-            log(f'{name}: FAILED after {time.time() - t0:.0f} s ({statuses[-1]["error"]}); executed cells: {failed}')
+        if not force and _finished_before(name, stamp, root, log):
+            statuses.append({'notebook': name, 'status': 'skipped', 'path': str(nb_dir / f'{name}.ipynb')})
+            log(f'{name}: finished before, skipped')
             continue
-        os.replace(partial, executed)
-        for old in (f'{name}.failed.ipynb', f'{name}.failed.json'):     # an earlier failure would now mislead
-            (nb_dir / old).unlink(missing_ok=True)
-        atomic_write(stamp_path, lambda f: json.dump(stamp, f, indent=1), 'w')
-        statuses.append({'notebook': name, 'status': 'done', 'path': str(executed), 'seconds': round(time.time() - t0, 1)})
-        log(f'{name}: done in {time.time() - t0:.0f} s -> {executed}')
+        statuses.append(_execute(name, src, params, nb_dir, log))
+        if statuses[-1]['status'] == 'done':
+            atomic_write(nb_dir / f'{name}.run.json', lambda f: json.dump(stamp, f, indent=1), 'w')
     write_index(root)
     return statuses

@@ -11,9 +11,9 @@ import torch
 import yaml
 from .data import load_dataset, limit_train
 from .experts import ExpertConfig, generate_experts, expert_folder
-from .io import CorruptFile, file_lock, track_digests, read_json
+from .io import CorruptFile, atomic_write, file_lock, read_json, read_or_quarantine, track_digests
 from .distill import RunFolder, SyntheticSet, get_method, METHODS
-from .train import evaluate_synset
+from .train import evaluate_synset, full_data_baseline
 import importlib, pkgutil
 import ptm_nb.baselines
 import ptm_nb.ptm          # registers PTM
@@ -28,10 +28,11 @@ register_baselines()        # every method is found by name, whoever imports the
 
 # %% auto #0
 __all__ = ['HPARAMS_PATH', 'SCALES', 'DEVICES', 'TOP_FIELDS', 'EVAL_KNOBS', 'EXPERT_KNOBS', 'DATA_KNOBS', 'CHOICES',
-           'SEQMATCH_TYPES', 'RANGES', 'BOOKKEEPING', 'register_baselines', 'load_hparams', 'resolve_device',
-           'is_volume', 'scale_for', 'parse_set_value', 'method_knobs', 'override_keys', 'check_value',
-           'check_overrides', 'method_config', 'check_config', 'RunSpec', 'run_id', 'RunResult', 'expert_batch',
-           'expert_config', 'experts_for', 'read_finished', 'run', 'results_table']
+           'SEQMATCH_TYPES', 'RANGES', 'EVAL_LR', 'BOOKKEEPING', 'FULL_DATA', 'register_baselines', 'load_hparams',
+           'resolve_device', 'is_volume', 'scale_for', 'parse_set_value', 'method_knobs', 'override_keys',
+           'check_value', 'check_overrides', 'method_config', 'check_config', 'RunSpec', 'run_id', 'eval_lr',
+           'RunResult', 'expert_batch', 'expert_config', 'experts_for', 'read_finished', 'run', 'results_table',
+           'evaluate_on_net', 'evaluate_full_data', 'expert_buffers']
 
 # %% ../nbs/08_runs.ipynb #451d031c
 import ptm_nb
@@ -41,10 +42,13 @@ SCALES = ('smoke', 'quick', 'paper')
 def load_hparams(path=None) -> dict:
     "The hyper-parameter table (`hparams.yaml`, or `path`)."
     path = Path(path or os.environ.get('PTM_HPARAMS') or HPARAMS_PATH)
-    if not path.exists(): raise FileNotFoundError(f'hyper-parameter table {path} is missing: restore hparams.yaml from the repository')
+    if not path.exists():
+        raise FileNotFoundError(f'hyper-parameter table {path} is missing: restore hparams.yaml from the '
+                                'repository')
     table = yaml.safe_load(path.read_text())
     for key in ('scales', 'methods', 'datasets'):
-        if not isinstance(table.get(key), dict): raise ValueError(f'{path}: the top-level field {key!r} must be a mapping')
+        if not isinstance(table.get(key), dict):
+            raise ValueError(f'{path}: the top-level field {key!r} must be a mapping')
     return table
 
 DEVICES = 'auto, cpu, cuda, cuda:N or mps'
@@ -75,26 +79,28 @@ def resolve_device(device: str = 'auto') -> str:
 
 # %% ../nbs/08_runs.ipynb #778397d0
 def is_volume(dataset: str | None) -> bool:
-    "Whether `dataset` holds 3D volumes, as its manifest entry says (False for a name the manifest does not know)."
+    """Whether `dataset` holds 3D volumes, as its manifest entry says (False for a name the manifest does not
+    know)."""
     if dataset is None: return False
-    from ptm_nb.data import load_manifest, resolve_name, dataset_meta
+    from ptm_nb.manifest import load_manifest, resolve_name, dataset_meta
     try:
         entries = load_manifest()
         return bool(dataset_meta(entries[resolve_name(dataset, entries)[0]]).get('is_3d'))
     except (ValueError, KeyError): return False
 
 def scale_for(scale: dict, dataset: str | None, ipc: int | None = None, volume: bool | None = None) -> dict:
-    """A scale's preset with its caps laid over it, in order: for 3D data (`volumes`, decided by the data's shape, not
-    its name: `volume`, else the manifest), for the dataset by name (`datasets.<dataset>`, an override), then for
-    `ipc` (`ipc<k>`); dicts merged one level deep, per method group."""
+    """A scale's preset with its caps laid over it, in order: for 3D data (`volumes`, decided by the data's
+    shape, not its name: `volume`, else the manifest), for the dataset by name (`datasets.<dataset>`, an
+    override), then for `ipc` (`ipc<k>`); dicts merged one level deep, per method group."""
     out = {k: v for k, v in scale.items() if k not in ('datasets', 'volumes') and not k.startswith('ipc')}
     volume = is_volume(dataset) if volume is None else volume
-    for over in (scale.get('volumes') or {} if volume else {}, (scale.get('datasets') or {}).get(dataset) or {},
-                 scale.get(f'ipc{ipc}') or {}):
+    for over in (scale.get('volumes') or {} if volume else {},
+                 (scale.get('datasets') or {}).get(dataset) or {}, scale.get(f'ipc{ipc}') or {}):
         for key, value in over.items():
             base = out.get(key)
             if key == 'methods':
-                out[key] = {g: {**((base or {}).get(g) or {}), **(value.get(g) or {})} for g in {*(base or {}), *value}}
+                out[key] = {g: {**((base or {}).get(g) or {}), **(value.get(g) or {})}
+                            for g in {*(base or {}), *value}}
             elif isinstance(value, dict) and isinstance(base, dict): out[key] = {**base, **value}
             else: out[key] = value
     return out
@@ -344,45 +350,68 @@ class RunSpec:
     overrides: dict = field(default_factory=dict)
 
     def resolve(self, hparams: dict | None = None) -> dict:
-        "The full config of the run: method knobs, experts, evaluation, net — everything that decides the result."
+        """The full config of the run: method knobs, experts, evaluation, net — everything that decides the
+        result."""
         hp = hparams or load_hparams()
-        if self.scale not in hp['scales']: raise ValueError(f'unknown scale {self.scale!r}: choose one of {sorted(hp["scales"])}')
+        if self.scale not in hp['scales']:
+            raise ValueError(f'unknown scale {self.scale!r}: choose one of {sorted(hp["scales"])}')
         method = get_method(self.method)
-        if not isinstance(self.ipc, int) or self.ipc < 1: raise ValueError(f'ipc={self.ipc!r}: must be an integer >= 1')
-        scale, ds_table = scale_for(hp['scales'][self.scale], self.dataset, self.ipc), (hp['datasets'].get(self.dataset) or {})
+        if not isinstance(self.ipc, int) or self.ipc < 1:
+            raise ValueError(f'ipc={self.ipc!r}: must be an integer >= 1')
+        scale = scale_for(hp['scales'][self.scale], self.dataset, self.ipc)
+        ds_table = hp['datasets'].get(self.dataset) or {}
         groups = (['_tm'] if method.experts else []) + [self.method]
-        layers = [hp['methods'], ds_table.get('all') or {}, ds_table.get(f'ipc{self.ipc}') or {}, scale.get('methods') or {}]
+        layers = [hp['methods'], ds_table.get('all') or {}, ds_table.get(f'ipc{self.ipc}') or {},
+                  scale.get('methods') or {}]
         knobs = {}
         for layer in layers:
             for g in groups: knobs.update(layer.get(g) or {})
-        cfg = {'method': self.method, 'dataset': self.dataset, 'ipc': self.ipc, 'scale': self.scale, 'seed': self.seed,
-               'net': self.net, 'net_options': dict(scale.get('net_options') or {}),
-               # the scale may name one expert kind for every trajectory-matching row (quick, paper: flat, Sec. 4.3)
-               'experts': {'kind': method.experts, **(scale.get('experts') or {})} if method.experts else None,
+        cfg = {'method': self.method, 'dataset': self.dataset, 'ipc': self.ipc, 'scale': self.scale,
+               'seed': self.seed, 'net': self.net, 'net_options': dict(scale.get('net_options') or {}),
+               # the scale may name one expert kind for every trajectory-matching row (quick, paper: flat,
+               # Sec. 4.3)
+               'experts': ({'kind': method.experts, **(scale.get('experts') or {})} if method.experts
+                           else None),
                'eval': dict(scale['eval']), 'hp': knobs}
-        if scale.get('max_train_per_class'):     # a smoke cap on the training images (absent from other scales' ids)
+        if scale.get('max_train_per_class'):   # a smoke cap on the training images (absent from other ids)
             cfg['data'] = {'max_train_per_class': int(scale['max_train_per_class'])}
         check_overrides(cfg, self.overrides)             # unknown keys, bad values: an error before any work
-        for key, value in self.overrides.items():        # 'eval.epochs' → cfg['eval']['epochs']; else a method knob
-            head, _, tail = key.partition('.')
-            if tail:
-                if not isinstance(cfg.get(head), dict):
-                    if value is None: continue                  # null for a section the preset leaves out
-                    cfg[head] = {}                              # data.max_train_per_class, no cap before
-                cfg[head][tail] = value
-            elif key in ('net',): cfg[key] = value
-            elif value is None and key not in cfg['hp']: continue   # null for a knob the preset leaves out: its default
-            else: cfg['hp'][key] = value
+        _apply_overrides(cfg, self.overrides)
         # PTM's last stage is the end of the trajectory: max_target_epoch null = the experts' last epoch
         if cfg['experts'] and 'max_target_epoch' in cfg['hp'] and cfg['hp']['max_target_epoch'] is None:
             cfg['hp']['max_target_epoch'] = cfg['experts']['epochs']
         if self.overrides: check_config(cfg)             # the method's own checks, on the whole row
         return cfg
 
+def _apply_overrides(cfg: dict, overrides: dict):
+    "Lay checked `overrides` over a resolved config: 'eval.epochs' → cfg['eval']['epochs']; else a knob."
+    for key, value in overrides.items():
+        head, _, tail = key.partition('.')
+        if tail:
+            if not isinstance(cfg.get(head), dict):
+                if value is None: continue                  # null for a section the preset leaves out
+                cfg[head] = {}                              # data.max_train_per_class, no cap before
+            cfg[head][tail] = value
+        elif key in ('net',): cfg[key] = value
+        elif value is None and key not in cfg['hp']: continue   # null, a knob the preset leaves out: default
+        else: cfg['hp'][key] = value
+
 def run_id(cfg: dict) -> str:
     "`<method>-<dataset>-ipc<k>-<hash of the full config>` (the device is not part of it)."
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{cfg['method']}-{cfg['dataset']}-ipc{cfg['ipc']}-{digest}"
+
+# %% ../nbs/08_runs.ipynb #c40c2cba
+EVAL_LR = 0.01      # the evaluation lr of a set whose method learns none (DC's, DM's and MTT's protocol)
+
+def eval_lr(method, synset) -> float:
+    """The lr the evaluation nets train on `synset` with: its own lr (`synset.lr`) when `method` learns one
+    (`Method.learned_lr`), else `EVAL_LR`. `method` is a registered method or its name; None, or a name the
+    registry does not know (a set distilled elsewhere), uses the set's lr when it has one (it may have
+    none: `lr` None)."""
+    m = METHODS.get(method) if isinstance(method, str) else method
+    lr = getattr(synset, 'lr', None)
+    return lr if lr is not None and (m is None or m.learned_lr) else EVAL_LR
 
 # %% ../nbs/08_runs.ipynb #0590ca0c
 @dataclass
@@ -396,28 +425,30 @@ class RunResult:
         return f"RESULT acc_mean={e['acc_mean']:.4f} acc_std={e['acc_std']:.4f} run={self.folder.path}"
 
 def expert_batch(experts: dict, n_train: int) -> int:
-    """The experts' minibatch: `batch` when the preset gives one, else sized from the data so that an epoch is at
-    least `steps_per_epoch` SGD steps (at most 256, MTT's batch): at 256 a 700-image set gets 3 steps an epoch and
-    its experts barely move from their initialisation."""
+    """The experts' minibatch: `batch` when the preset gives one, else sized from the data so that an epoch is
+    at least `steps_per_epoch` SGD steps (at most 256, MTT's batch): at 256 a 700-image set gets 3 steps an
+    epoch and its experts barely move from their initialisation."""
     if experts.get('batch'): return int(experts['batch'])
     steps = experts.get('steps_per_epoch')
     return 256 if not steps else max(1, min(256, n_train // int(steps)))
 
 def expert_config(cfg: dict, device: str, n_train: int | None = None) -> ExpertConfig:
-    "The experts a resolved run config asks for (`n_train`: the training images, when the batch follows the data)."
+    """The experts a resolved run config asks for (`n_train`: the training images, when the batch follows the
+    data)."""
     e = cfg['experts']
     if n_train is None and e.get('steps_per_epoch') and not e.get('batch'):
-        raise ValueError('expert_config: this preset sizes the expert batch from the data (steps_per_epoch): pass n_train')
-    return ExpertConfig(net=cfg['net'], net_options=cfg['net_options'], n_experts=e['n_experts'], epochs=e['epochs'],
-                        batch=expert_batch(e, n_train or 0), lr=float(e.get('lr', ExpertConfig.lr)),
-                        seed=e.get('seed', 0), flat=e['kind'] == 'flat',
-                        device=device)
+        raise ValueError('expert_config: this preset sizes the expert batch from the data (steps_per_epoch): '
+                         'pass n_train')
+    return ExpertConfig(net=cfg['net'], net_options=cfg['net_options'], n_experts=e['n_experts'],
+                        epochs=e['epochs'], batch=expert_batch(e, n_train or 0),
+                        lr=float(e.get('lr', ExpertConfig.lr)), seed=e.get('seed', 0),
+                        flat=e['kind'] == 'flat', device=device)
 
 def experts_for(ds, cfg: dict, root, device: str, progress: bool = True):
     "The expert buffer a run needs (trained now if it is not there yet)."
     ecfg, root = expert_config(cfg, device, len(ds.train_y)), Path(root) / 'experts'
-    # one lock per buffer: runs that need the same experts take turns (the second reads what the first trained),
-    # while runs on other buffers (another dataset, FTD's flat experts) train theirs at the same time
+    # one lock per buffer: runs that need the same experts take turns (the second reads what the first
+    # trained), while runs on other buffers (another dataset, FTD's flat experts) train theirs meanwhile
     name = expert_folder(ds, ecfg, root).name
     with file_lock(root / f'{name}.lock', waiting=f'expert buffer {name} (another process is training it)'):
         return generate_experts(ds, ecfg, root, progress=progress)
@@ -491,32 +522,102 @@ def _compute(cfg, path, ds, root, device, progress) -> RunResult:
         write_synset_png(folder.path / 'synset.png', synset, ds)
     ev = cfg['eval']
     res = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, net=cfg['net'],
-                          net_options=cfg['net_options'], lr=synset.lr if method.learned_lr else 0.01,
+                          net_options=cfg['net_options'], lr=eval_lr(method, synset),
                           epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=device,
                           n_classes=ds.n_classes,
                           checkpoint=folder.path / 'eval_checkpoint.pt',   # a killed evaluation resumes
                           val=(ds.val_x, ds.val_y) if len(ds.val_y) else None)   # tuning reads val only
-    result = {'acc_mean': res.mean, 'acc_std': res.std, 'accs': list(res.accs), 'auc_mean': res.auc_mean,
-              'auc_std': res.auc_std, 'bal_acc_mean': res.bal_acc_mean, 'bal_acc_std': res.bal_acc_std,
-              'lr': synset.lr if method.learned_lr else 0.01, 'nets': ev['nets'], 'epochs': ev['epochs'],
-              'reported_at': 'final epoch', 'device': device, **res.val_dict()}
+    result = res.to_dict()                                         # the record: `EvalResult.to_dict`
     folder.save_eval(result)
     return RunResult(folder, synset, result)
 
 # %% ../nbs/08_runs.ipynb #9d6954e1
 def results_table(root='outputs'):
-    """A DataFrame of every finished run under `root/runs` and `root/<scale>/runs`; a run whose files cannot be read
-    (set aside as `.corrupt`, see `ptm_nb.io`) is a row with `bad` naming what is wrong, not a failure of the table."""
+    """A DataFrame of every finished run under `root/runs` and `root/<scale>/runs`; a run whose files cannot
+    be read (set aside as `.corrupt`, see `ptm_nb.io`) is a row with `bad` naming what is wrong, not a failure
+    of the table."""
     import pandas as pd
     rows = []
     for p in sorted([*Path(root).glob('runs/*/eval.json'), *Path(root).glob('*/runs/*/eval.json')]):
         try: f = RunFolder(p.parent); c, e = f.config, f.load_eval()
         except CorruptFile as err: c, e = None, str(err)
         if c is None or not isinstance(e, dict):
-            rows.append({'run': p.parent.name, 'bad': e if isinstance(e, str) else 'config.json' if c is None else 'eval.json'}); continue
+            bad = e if isinstance(e, str) else 'config.json' if c is None else 'eval.json'
+            rows.append({'run': p.parent.name, 'bad': bad}); continue
         rows.append({'method': c['method'], 'dataset': c['dataset'], 'ipc': c['ipc'], 'scale': c['scale'],
                      'seed': c['seed'], 'net': c['net'], 'iterations': c['hp'].get('iterations'),
                      'acc_mean': e['acc_mean'], 'acc_std': e['acc_std'],
                      'auc_mean': e['auc_mean'], 'bal_acc_mean': e['bal_acc_mean'], 'nets': e['nets'],
                      'eval_epochs': e['epochs'], 'lr': e['lr'], 'run': p.parent.name, 'bad': None})
     return pd.DataFrame(rows)
+
+# %% ../nbs/08_runs.ipynb #1da36bd4
+def evaluate_on_net(result: RunResult, net: str, ds, net_options: dict | None = None, device: str = 'cpu',
+                    used=None) -> dict:
+    """The run's synthetic set evaluated on the architecture `net` (Table 4) with the run's protocol (its
+    nets, epochs, seed and evaluation lr) on the test split of `ds`, the run's dataset; `net_options` are
+    `net`'s options (the run's own when `net` is the run's net). Cached in the run folder as `eval_<net>.json`
+    (a damaged file is set aside and the set evaluated again); a killed evaluation resumes from its
+    checkpoint."""
+    path = result.folder.path / f'eval_{net}.json'
+    found = read_or_quarantine(path, read_json, f'the set is evaluated on {net} again')   # see ptm_nb.io
+    if found is None:
+        cfg, s, ev = result.folder.config, result.synset, result.folder.config['eval']
+        options = cfg['net_options'] if net == cfg['net'] else net_options or {}
+        res = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, net=net, net_options=options,
+                              lr=result.eval['lr'], epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'],
+                              device=device, n_classes=ds.n_classes,
+                              checkpoint=path.with_name(f'eval_{net}_checkpoint.pt'))
+        found = {'net': net, 'net_options': options, **res.to_dict()}
+        atomic_write(path, lambda f: json.dump(found, f, indent=1, default=float), 'w')
+    if used is not None: used(path)
+    return found
+
+FULL_DATA = {'epochs': 30, 'nets': 3}       # the full-data row of a scale whose preset names none
+
+def evaluate_full_data(ds, dataset: str, root, net: str = 'convnet', net_options: dict | None = None,
+                       preset: dict | None = None, seed: int = 0, max_train_per_class: int | None = None,
+                       device: str = 'cpu', used=None) -> dict:
+    """The full-real-data row of `dataset` (loaded as `ds`): `preset['nets']` nets (default `FULL_DATA`) of
+    `net` with `net_options` trained on its whole training split (at most `max_train_per_class` images per
+    class, as its runs) for `preset['epochs']` epochs, raised to `preset['min_steps']` SGD steps on a small
+    split; cached as `<root>/full_data/<dataset>-<net>-<hash of all these>.json`."""
+    fd = preset or FULL_DATA
+    key = json.dumps({'dataset': dataset, 'net': net, 'options': net_options or {}, **fd, 'seed': seed,
+                      'max_train_per_class': max_train_per_class}, sort_keys=True)
+    path = Path(root) / 'full_data' / f'{dataset}-{net}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.json'
+    if path.exists(): out = json.loads(path.read_text())
+    else:
+        res = full_data_baseline(limit_train(ds, max_train_per_class), epochs=fd['epochs'], K=fd['nets'],
+                                 seed=seed, net=net, net_options=net_options or {}, device=device,
+                                 min_steps=fd.get('min_steps', 0))
+        out = {**res.to_dict(), 'seconds': round(res.seconds, 1), 'config': json.loads(key)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: json.dump(out, f, indent=1, default=float), 'w')
+    if used is not None: used(path)
+    return out
+
+# %% ../nbs/08_runs.ipynb #fb8a27fc
+def expert_buffers(dataset: str, scale: str = 'smoke', net: str = 'convnet', kind: str | None = None,
+                   root='outputs', ipc: int = 2, device: str = 'auto', hparams: dict | None = None,
+                   data_root=None, ds=None) -> dict:
+    """The expert buffers that the trajectory-matching runs of `scale` on `dataset` with `net` at `ipc` read
+    (only those of `kind`, 'plain' or 'flat', when given): {buffer folder under `root/experts`: (the spec of a
+    run that reads it, PTM's where PTM does; its ExpertConfig)}. `ds`: the dataset, when it is loaded."""
+    hp, here = hparams or load_hparams(), resolve_device(device)      # the spec keeps `device` ('auto')
+    if kind is not None and kind not in CHOICES['experts.kind']:
+        raise ValueError(f'expert kind {kind!r}: choose one of {", ".join(CHOICES["experts.kind"])}')
+    out, kinds = {}, set()
+    for name in sorted((n for n, m in METHODS.items() if m.experts), key=lambda n: (n != 'ptm', n)):
+        spec = RunSpec(name, dataset, ipc, scale, device=device, net=net)
+        cfg = spec.resolve(hp)
+        kinds.add(cfg['experts']['kind'])
+        if kind is not None and cfg['experts']['kind'] != kind: continue
+        if ds is None: ds = load_dataset(dataset, root=data_root)
+        capped = limit_train(ds, (cfg.get('data') or {}).get('max_train_per_class'))
+        ecfg = expert_config(cfg, here, len(capped.train_y))
+        out.setdefault(expert_folder(capped, ecfg, Path(root) / 'experts'), (spec, ecfg))
+    if not out:
+        raise ValueError(f'no trajectory-matching run of scale {scale} reads {kind} experts (they read '
+                         f'{", ".join(sorted(kinds))} ones): leave the kind out, or choose one of those')
+    return out

@@ -438,6 +438,7 @@ class EvalResult:
     params: torch.Tensor | None = None  # (K, P) final flat parameters, when asked for
     # the same nets on the validation split: {'accs', 'aucs', 'bal_accs'} (tuning)
     val: dict | None = None
+    device: str = ''                    # where the nets trained ('cpu', 'cuda', ...)
 
     @staticmethod
     def _ms(v):
@@ -462,12 +463,15 @@ class EvalResult:
         return f"acc {100 * self.mean:.1f} ± {100 * self.std:.1f} ({self.n_nets} nets, final epoch)"
 
     def to_dict(self) -> dict:
-        "The numbers, JSON-ready (no tensors)."
-        keys = ('mean', 'std', 'auc_mean', 'auc_std', 'bal_acc_mean', 'bal_acc_std', 'n_nets')
-        return {**{k: getattr(self, k) for k in keys}, 'accs': list(self.accs), 'aucs': list(self.aucs),
-                'bal_accs': list(self.bal_accs), 'epochs': self.epochs, 'seconds': self.seconds,
-                'engine': self.engine, 'lr': self.lr, 'label': self.label, 'reported_at': 'final epoch',
-                **self.val_dict()}
+        """The record of an evaluation, JSON-ready: a run's `eval.json` (the one builder of it: `ptm-nb
+        evaluate`, Table 4's other networks and the full-data rows add their own fields after these). Test
+        metrics over the nets (mean, population std, each net's accuracy), the lr, nets and epochs they
+        trained with, where they trained, then the validation numbers (`val_dict`) when there is a
+        validation split."""
+        return {'acc_mean': self.mean, 'acc_std': self.std, 'accs': list(self.accs),
+                'auc_mean': self.auc_mean, 'auc_std': self.auc_std, 'bal_acc_mean': self.bal_acc_mean,
+                'bal_acc_std': self.bal_acc_std, 'lr': self.lr, 'nets': self.n_nets, 'epochs': self.epochs,
+                'reported_at': 'final epoch', 'device': self.device, **self.val_dict()}
 
     def val_dict(self) -> dict:
         """The validation-split numbers as `val_<metric>_mean/_std` (empty without a validation split): tuning
@@ -478,6 +482,8 @@ class EvalResult:
             out[f'val_{name}_mean'], out[f'val_{name}_std'] = self._ms(self.val[key])
         return out
 
+
+# %% ../nbs/03_train.ipynb #add049a2
 def _as_int(v, what, low=1):
     if isinstance(v, bool) or int(v) != v or v < low:
         raise ValueError(f"{what} must be an int >= {low}, got {v!r}")
@@ -589,7 +595,7 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Te
     return EvalResult(**_metric_lists(metrics), epochs=cfg.epochs, seconds=time.perf_counter() - t0,
                       engine=engine + ('' if engine in ('vmap', 'stacked') else ' (one net at a time)'),
                       lr=cfg.lr, label=label, train_loss=losses.tolist(), params=W if keep_params else None,
-                      val=val_metrics)
+                      val=val_metrics, device=str(device))
 
 # %% ../nbs/03_train.ipynb #0e73e8c0
 def random_real_baseline(ds, ipc: int, draws: int = 5, K: int = 1, seed: int = 0, net: str = 'convnet',

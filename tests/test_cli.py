@@ -118,3 +118,73 @@ def test_distill_prints_the_picture(data_dir, tmp_path):
     png = Path(line.split(': ', 1)[1])
     assert png.name == 'synset.png' and png.stat().st_size > 0 and (png.parent / 'synset.pt').exists()
     assert r.stdout.strip().splitlines()[-1].startswith('RESULT acc_mean=')
+
+
+# ---- expert buffers on their own, and a run on a cluster (issue 17) ---------------------------------------
+
+def _common(root, data_dir):
+    return ['--dataset', 'breastmnist', '--scale', 'smoke', '--device', 'cpu', '--root', str(root),
+            '--data-root', str(data_dir), '--no-progress']
+
+
+def _stamps(*buffers) -> dict:
+    "When each expert file of the buffers was written."
+    return {p: p.stat().st_mtime_ns for b in buffers for p in sorted(b.glob('expert_*.pt'))}
+
+
+def test_experts_trains_the_buffers_of_a_scale(data_dir, tmp_path):
+    """In this process (--workers 0): the plain buffer that PTM, MTT, ... share and FTD's flat one; again:
+    read back."""
+    from ptm_nb.runs import expert_buffers
+    r = ptm_nb('experts', '--workers', '0', *_common(tmp_path, data_dir), env=_env(data_dir))
+    assert r.returncode == 0, r.stderr
+    *folders, result = r.stdout.strip().splitlines()
+    wanted = expert_buffers('breastmnist', 'smoke', root=tmp_path, device='cpu', data_root=data_dir)
+    assert [line.split(': ')[0] for line in folders] == [str(f) for f in wanted]
+    assert folders[0].endswith(': 2 plain experts × 3 epochs')
+    assert folders[1].endswith(': 2 flat experts × 3 epochs')
+    assert result == f'RESULT experts={",".join(map(str, wanted))} n=2,2 epochs=3,3'
+    stamps = _stamps(*wanted)
+    assert len(stamps) == 4                                             # two experts in each buffer
+    again = ptm_nb('experts', '--workers', '0', *_common(tmp_path, data_dir), env=_env(data_dir))
+    assert again.returncode == 0 and again.stdout == r.stdout, again.stderr
+    assert _stamps(*wanted) == stamps                                   # read back, not trained again
+
+
+def test_experts_errors_name_the_fix(data_dir, tmp_path):
+    r = ptm_nb('experts', '--dataset', 'breastmnist', '--scale', 'quick', '--kind', 'plain', '--root',
+               str(tmp_path), env=_env(data_dir), timeout=120)
+    assert r.returncode == 2 and 'they read flat ones' in r.stderr and 'leave the kind out' in r.stderr
+    assert r.stderr.count('\n') == 1 and not (tmp_path / 'experts').exists()
+    r = ptm_nb('experts', '--root', str(tmp_path), env=_env(data_dir), timeout=120)
+    assert r.returncode == 2 and '--dataset' in r.stderr
+
+
+def test_experts_and_distill_on_a_cluster(data_dir, tmp_path):
+    """--scheduler: `experts` sends its buffer, `distill` its run with the buffer, to a running Dask cluster
+    (a LocalCluster started here); the run reads the buffer `experts` trained, and its set is the one a run
+    in one process makes."""
+    distributed = pytest.importorskip('distributed')
+    env, root = _env(data_dir), tmp_path / 'cluster'
+    run = ['--method', 'mtt', '--ipc', '2', '--set', 'iterations=2']
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=':0') as cluster:
+        address = cluster.scheduler_address
+        e = ptm_nb('experts', '--kind', 'plain', '--scheduler', address, *_common(root, data_dir), env=env)
+        assert e.returncode == 0, e.stderr
+        result = e.stdout.strip().splitlines()[-1]
+        assert result.startswith('RESULT experts=') and result.endswith(' n=2 epochs=3')
+        buffer = Path(result.split('experts=')[1].split(' n=')[0])
+        stamps = _stamps(buffer)
+        d = ptm_nb('distill', *run, '--scheduler', address, *_common(root, data_dir), env=env)
+        assert d.returncode == 0, d.stderr
+    line = d.stdout.strip().splitlines()[-1]
+    assert line.startswith('RESULT acc_mean=')
+    run_dir = Path(line.split(' run=')[1])
+    assert run_dir.parent == root / 'runs' and (run_dir / 'eval.json').exists()
+    assert [p for p in (root / 'experts').iterdir() if p.is_dir()] == [buffer]
+    assert _stamps(buffer) == stamps and len(stamps) == 2                # the run read it, did not retrain
+    here = ptm_nb('distill', *run, *_common(tmp_path / 'here', data_dir), env=env)      # no cluster
+    assert here.returncode == 0, here.stderr
+    a = torch.load(run_dir / 'synset.pt', weights_only=True)
+    b = torch.load(tmp_path / 'here' / 'runs' / run_dir.name / 'synset.pt', weights_only=True)
+    assert torch.equal(a['images'], b['images']) and a['lr'] == b['lr']    # one thread each: bit-identical

@@ -1,5 +1,6 @@
-"""ptm_nb.data: the real MedMNIST files load with their official counts, bad input fails with a message that names
-the file, the field and the fix, and the three image-folder releases ingest from their public layouts."""
+"""ptm_nb.data, ptm_nb.manifest and ptm_nb.ingest: the real MedMNIST files load with their official counts, bad
+input fails with a message that names the file, the field and the fix, and the three image-folder releases ingest
+from their public layouts."""
 import hashlib, json, os, shutil, subprocess, sys, warnings
 from pathlib import Path
 from urllib.error import URLError
@@ -10,9 +11,10 @@ import torch
 import yaml
 from PIL import Image
 
-import ptm_nb.data as data
-from ptm_nb.data import (DatasetError, MedDataset, SPLITS, class_indices, dataset_report, dataset_stats,
-                         load_dataset, load_manifest, medmnist_info, real_per_class)
+import ptm_nb.ingest as ingest
+import ptm_nb.manifest as manifest
+from ptm_nb.data import MedDataset, class_indices, dataset_report, dataset_stats, load_dataset, real_per_class
+from ptm_nb.manifest import DatasetError, SPLITS, load_manifest, medmnist_info
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +51,7 @@ def offline(monkeypatch):
     calls = []
     def refuse(request, timeout=None):
         calls.append(request.full_url); raise URLError('network is unreachable (simulated)')
-    monkeypatch.setattr(data, 'urlopen', refuse)
+    monkeypatch.setattr(manifest, 'urlopen', refuse)
     return calls
 
 
@@ -164,12 +166,12 @@ def test_download_is_verified_and_atomic(need_file, tmp_path, monkeypatch):
     def serve(request, timeout=None):
         assert request.get_header('User-agent') == 'ptm_nb'     # a named client, not Python's default
         urls.append(request.full_url); return FakeResponse(payload)
-    monkeypatch.setattr(data, 'urlopen', serve)
+    monkeypatch.setattr(manifest, 'urlopen', serve)
     ds = load_dataset('breastmnist', root=tmp_path / 'new_root')      # the root is created
     assert urls == [medmnist_info()['breastmnist']['url']] and ds.counts['train'] == 546
     assert (tmp_path / 'new_root' / 'breastmnist.npz').read_bytes() == payload
     # a corrupted transfer is refused and leaves nothing behind
-    monkeypatch.setattr(data, 'urlopen', lambda url, timeout=None: FakeResponse(payload[:-10]))
+    monkeypatch.setattr(manifest, 'urlopen', lambda url, timeout=None: FakeResponse(payload[:-10]))
     with pytest.raises(DatasetError) as e: load_dataset('breastmnist', root=tmp_path / 'other')
     assert 'not kept' in msg(e) and medmnist_info()['breastmnist']['MD5'] in msg(e)
     assert list((tmp_path / 'other').iterdir()) == []
@@ -180,18 +182,27 @@ def test_verified_digest_is_not_recomputed(tmp_path, monkeypatch):
     f = tmp_path / 'x.bin'; f.write_bytes(b'0123456789')
     first = io.file_digest(f, 'md5', memo=True)
     monkeypatch.setattr(io.hashlib, 'new', lambda *a: (_ for _ in ()).throw(AssertionError('rehashed')))
-    data.check_digest(f, first, 'md5', 'the manifest', 'fix')      # same path, size, mtime: remembered
+    manifest.check_digest(f, first, 'md5', 'the manifest', 'fix')  # same path, size, mtime: remembered
     f.write_bytes(b'0123456780'); os.utime(f, ns=(10, 10))
     with pytest.raises(AssertionError, match='rehashed'):           # changed file: hashed again
-        data.check_digest(f, first, 'md5', 'the manifest', 'fix')
+        manifest.check_digest(f, first, 'md5', 'the manifest', 'fix')
 
 
 def test_import_is_light():
     "Importing ptm_nb.data, reading the manifest and INFO do not import the medmnist package (seconds, sklearn)."
-    code = ('import sys, ptm_nb.data as d; m = d.load_manifest(); assert "breastmnist" in m; '
+    code = ('import sys, ptm_nb.data, ptm_nb.manifest as d; m = d.load_manifest(); assert "breastmnist" in m; '
             'assert "medmnist" not in sys.modules, "medmnist imported"')
     subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO)
-    assert data.medmnist_default_root() == Path.home() / '.medmnist'     # medmnist's DEFAULT_ROOT
+    assert manifest.medmnist_default_root() == Path.home() / '.medmnist'     # medmnist's DEFAULT_ROOT
+
+
+def test_one_home_per_name():
+    "The dataset layer is three modules (manifest, ingest, data); a public name is exported by one of them."
+    import ptm_nb.data as data
+    homes = {m.__name__: set(m.__all__) for m in (manifest, ingest, data)}
+    for a in homes:
+        for b in homes:
+            assert a >= b or not homes[a] & homes[b], f'{a} and {b} both export {sorted(homes[a] & homes[b])}'
 
 
 # ---------------------------------------------------------------- npz entries and bad arrays
@@ -301,13 +312,13 @@ def test_manifest_agrees_with_medmnist_info_and_covers_every_flag():
     entries, info = load_manifest(), medmnist_info()
     assert set(info) <= set(entries)
     for flag in info:
-        meta = data.dataset_meta(entries[flag])        # raises if a written-out field disagrees with INFO
+        meta = manifest.dataset_meta(entries[flag])        # raises if a written-out field disagrees with INFO
         assert meta['sizes'] == ([28, 64] if flag.endswith('3d') else [28, 64, 128, 224])
         assert meta['n_classes'] == len(info[flag]['label']) and meta['modality'] != 'unknown'
     for flag in ('pathmnist', 'octmnist', 'organmnist3d'):
         e = entries[flag]
         assert e['counts'] == info[flag]['n_samples']
-        assert {s: m for s, m in e['md5'].items()} == {s: data.medmnist_source(flag, s)[1] for s in e['sizes']}
+        assert {s: m for s, m in e['md5'].items()} == {s: manifest.medmnist_source(flag, s)[1] for s in e['sizes']}
 
 
 def test_user_manifest_overrides_fields_and_validation_names_file_entry_field_fix(tmp_path, monkeypatch):
@@ -329,7 +340,7 @@ def test_user_manifest_overrides_fields_and_validation_names_file_entry_field_fi
         assert str(user) in msg(e) and 'Fix' in msg(e), msg(e)
         for f in fragments: assert f in msg(e), (f, msg(e))
     user.write_text('datasets:\n  pathmnist:\n    class_names: [a, b]\n'); os.utime(user, ns=(1, 1))
-    with pytest.raises(DatasetError) as e: data.dataset_meta(load_manifest()['pathmnist'])
+    with pytest.raises(DatasetError) as e: manifest.dataset_meta(load_manifest()['pathmnist'])
     assert str(user) in msg(e) and 'datasets.pathmnist.class_names' in msg(e) and "medmnist.INFO['pathmnist']" in msg(e)
 
 
@@ -431,8 +442,8 @@ def test_covid_layout_ingest_split_cache(tmp_path, monkeypatch):
     assert first['sha256'] == hashlib.sha256((root / 'COVID-19_Radiography_Dataset' / first['file']).read_bytes()).hexdigest()
     assert ds.info['ingest']['total'] == 18
     # reused: no image is decoded again while the listing is unchanged
-    decoded, real_decode = [], data.decode_image
-    monkeypatch.setattr(data, 'decode_image', lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
+    decoded, real_decode = [], ingest.decode_image
+    monkeypatch.setattr(ingest, 'decode_image', lambda *a, **k: decoded.append(1) or real_decode(*a, **k))
     ds2, warns2 = quiet_load('covid19_cxr', root=root, size=32, cache_dir=cache)
     assert decoded == [] and torch.equal(ds2.train_x, ds.train_x) and any('1 image(s) skipped' in w for w in warns2)
     # a changed listing builds a new cache (and removes the stale one)

@@ -12,11 +12,11 @@ CLI = [str(Path(sys.executable).parent / 'ptm-nb')]       # the console script o
 DOWNLOAD = """
 import io, sys
 from pathlib import Path
-import ptm_nb.data
+import ptm_nb.manifest
 payload, asked = Path(sys.argv[1]).read_bytes(), []
 def urlopen(url, timeout=None):
     asked.append(getattr(url, 'full_url', url)); return io.BytesIO(payload if sys.argv[3] == 'good' else payload[:-10])
-ptm_nb.data.urlopen = urlopen
+ptm_nb.manifest.urlopen = urlopen
 from ptm_nb.cli import main
 rc = main(['distill', '--dataset', 'breastmnist', '--method', 'random', '--ipc', '2', '--scale', 'smoke',
            '--device', 'cpu', '--root', sys.argv[2], '--no-progress'])

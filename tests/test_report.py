@@ -89,3 +89,21 @@ def test_reproduce_removes_the_failed_copy_once_the_notebook_runs(tmp_path, data
     r = _reproduce(tmp_path / 'out', data_dir, '--only', 'table1')
     assert r.returncode == 0 and not failed.exists(), r.stdout + r.stderr
     assert (tmp_path / 'out' / 'smoke' / 'notebooks' / 'table1_datasets.ipynb').exists()
+
+
+def test_moved_computations_find_the_committed_records(tmp_path, data_dir, monkeypatch):
+    """`Paper.full_data` is computed in `ptm_nb.runs` now (`evaluate_full_data`): the quick full-data record
+    committed before the move is found under the same name and read as it is, nothing trained."""
+    import shutil
+    import ptm_nb.runs
+    from ptm_nb.report import Paper
+    committed = sorted((REPO / 'outputs' / 'quick' / 'full_data').glob('pathmnist_subset1000-convnet-*.json'))
+    if not committed: pytest.skip('no quick full-data record committed')
+    shutil.copytree(committed[0].parent, tmp_path / 'quick' / 'full_data')
+    def no_work(*a, **k): raise AssertionError('the committed full-data record was not found')
+    monkeypatch.setattr(ptm_nb.runs, 'full_data_baseline', no_work)
+    paper = Paper('table2_mnist', scale='quick', out=tmp_path, device='cpu')
+    choice = paper.dataset('pathmnist')
+    if choice is None: pytest.skip('pathmnist and its stand-in pathmnist_subset1000 are absent')
+    assert paper.full_data(choice) == json.loads(committed[0].read_text())
+    assert list(paper.inputs) == [f'full_data/{committed[0].name}']              # recorded as an input

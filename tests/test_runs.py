@@ -49,3 +49,21 @@ def test_a_killed_evaluation_resumes_to_the_same_numbers(tmp_path, data_dir, mon
     monkeypatch.setattr(train.TrainConfig, 'lr_at', from_epoch_4_on)
     resumed = run(spec, root=tmp_path / 'killed', dataset=ds, progress=False)
     assert resumed.eval == whole.eval and resumed.eval['epochs'] > 4 and not ckpt.exists()
+
+
+def test_one_evaluation_lr_rule():
+    """The lr an evaluation trains with is `eval_lr`'s: the set's own lr for a method that learns one, else
+    0.01; no other module of the package spells the rule out."""
+    import re
+    from pathlib import Path
+    import torch
+    import ptm_nb
+    from ptm_nb.distill import METHODS, SyntheticSet
+    from ptm_nb.runs import EVAL_LR, eval_lr
+    s = SyntheticSet(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), 0.03, 2, 1)
+    assert EVAL_LR == 0.01 and {n: eval_lr(n, s) for n in METHODS} == {
+        n: 0.03 if m.learned_lr else 0.01 for n, m in METHODS.items()}
+    rule = re.compile(r'learned_lr\s+else\s+0\.01')
+    package = Path(ptm_nb.__file__).parent
+    spelled = [p.name for p in package.rglob('*.py') if rule.search(p.read_text(encoding='utf-8'))]
+    assert not spelled, spelled

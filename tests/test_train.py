@@ -46,6 +46,7 @@ def test_same_seed_same_result(toy_sets):
     assert torch.equal(a.params, b.params) and a.accs == b.accs and a.aucs == b.aucs
     assert not torch.allclose(a.params, c.params)                       # another seed: other nets
     assert not torch.allclose(a.params[0], a.params[1])                 # each net its own init
+    assert a.to_dict() == b.to_dict() and a.to_dict()['device'] == 'cpu'  # the record says where it trained
 
 
 @pytest.mark.parametrize('engine', ['stacked', 'vmap'])
@@ -191,6 +192,10 @@ def test_eval_result_numbers():
     assert r.mean == pytest.approx(0.7) and r.std == pytest.approx(math.sqrt(2 / 3) * 0.1)
     assert r.summary() == 'acc 70.0 ± 8.2 (3 nets, final epoch)'
     assert r.to_dict()['reported_at'] == 'final epoch' and r.bal_acc_std == 0
+    rec = r.to_dict()                                                  # the record of a run's eval.json
+    assert list(rec) == ['acc_mean', 'acc_std', 'accs', 'auc_mean', 'auc_std', 'bal_acc_mean', 'bal_acc_std', 'lr',
+                         'nets', 'epochs', 'reported_at', 'device']
+    assert (rec['nets'], rec['epochs'], rec['lr'], rec['accs']) == (3, 3, 0.01, [0.6, 0.7, 0.8])
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
