@@ -23,7 +23,7 @@ __all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'METRICS', 'outputs_root', 'cho
            'Paper', 'method_title', 'distill_seconds', 'result_row', 'seeds_for', 'results_grid', 'over_seeds',
            'paired_differences', 'paired_table', 'curve', 'full_data_note', 'failed_notebooks', 'write_index',
            'write_html', 'changed_inputs', 'paper_notebook', 'select_notebooks', 'check_methods', 'check_ipcs',
-           'check_datasets', 'notebook_params', 'reproduce']
+           'check_datasets', 'notebook_params', 'hparams_digest', 'reproduce']
 
 # %% ../nbs/09a_report.ipynb #189ede73
 REPO = Path(ptm_nb.__file__).resolve().parent.parent
@@ -641,8 +641,15 @@ def notebook_params(name: str, common: dict, methods=None, ipcs=None) -> dict:
     if not name.startswith('table') or name == 'table1_datasets': return dict(common)
     return {**common, **{k: v for k, v in (('methods', methods), ('ipcs', ipcs)) if v}}
 
+def hparams_digest() -> str:
+    "sha256 of the hyper-parameter table as data (comments and layout do not count): a preset change re-runs."
+    import hashlib
+    from ptm_nb.runs import load_hparams
+    return hashlib.sha256(json.dumps(load_hparams(), sort_keys=True, default=str).encode()).hexdigest()
+
 def _finished_before(name: str, stamp: dict, root: Path, log) -> bool:
-    """Whether paper notebook `name` ran before under `root` with the same source and parameters (`stamp`) and
+    """Whether paper notebook `name` ran before under `root` with the same source, parameters and
+    hyper-parameter table (`stamp`) and
     every result file it read is unchanged since (`changed_inputs`); then `reproduce` skips it."""
     nb_dir = root / 'notebooks'
     executed, record, stamp_path = (nb_dir / f'{name}{end}' for end in ('.ipynb', '.json', '.run.json'))
@@ -699,7 +706,7 @@ def reproduce(scale: str = 'smoke', only=None, datasets=None, out=None, data_roo
         if not src.exists():
             raise FileNotFoundError(f'{src} is missing: restore nbs/paper/ from the repository')
         params = notebook_params(name, common, methods, ipcs)
-        stamp = {'source_sha256': file_digest(src), 'parameters': params}
+        stamp = {'source_sha256': file_digest(src), 'parameters': params, 'hparams': hparams_digest()}
         if not force and _finished_before(name, stamp, root, log):
             statuses.append({'notebook': name, 'status': 'skipped', 'path': str(nb_dir / f'{name}.ipynb')})
             log(f'{name}: finished before, skipped')

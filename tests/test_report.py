@@ -107,3 +107,20 @@ def test_moved_computations_find_the_committed_records(tmp_path, data_dir, monke
     if choice is None: pytest.skip('pathmnist and its stand-in pathmnist_subset1000 are absent')
     assert paper.full_data(choice) == json.loads(committed[0].read_text())
     assert list(paper.inputs) == [f'full_data/{committed[0].name}']              # recorded as an input
+
+
+def test_a_changed_preset_runs_the_notebook_again(tmp_path, data_dir):
+    "A notebook is skipped only when its source, its parameters and the hyper-parameter table are all unchanged."
+    import yaml
+    out = tmp_path / 'out'
+    assert _reproduce(out, data_dir, '--only', 'table1').returncode == 0
+    r = _reproduce(out, data_dir, '--only', 'table1')
+    assert '1 skipped' in r.stdout, r.stdout + r.stderr
+    table = yaml.safe_load((REPO / 'hparams.yaml').read_text())
+    table['paper']['presets']['smoke']['full_data']['nets'] += 1            # a preset value, nothing else
+    changed = tmp_path / 'hparams.yaml'
+    changed.write_text(yaml.safe_dump(table))
+    r = subprocess.run([*CLI, 'reproduce', '--scale', 'smoke', '--out', str(out), '--no-progress', '--only', 'table1'],
+                       env={**_env(data_dir), 'PTM_HPARAMS': str(changed)}, capture_output=True, text=True,
+                       timeout=600, cwd=REPO)
+    assert r.returncode == 0 and '1 notebook(s) run, 0 skipped' in r.stdout, r.stdout + r.stderr
