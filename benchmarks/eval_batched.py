@@ -1,8 +1,8 @@
 """Speed of the batched evaluation: K nets trained as one stack against the same K nets trained one by one.
 
 For BreastMNIST and the PathMNIST subset, at ipc 2 and 10 (random real images per class as the set), it times
-`evaluate_synset(..., batched=False)` (engine 'func', one net at a time) and `batched=True` with each batched
-engine ('stacked': the K nets as one grouped-convolution model; 'vmap': torch.func.vmap of torch.func.grad),
+`evaluate_synset` with `EvalProtocol(batched=False)` (engine 'func', one net at a time) and `batched=True` with
+each batched engine ('stacked': the K nets as one grouped-convolution model; 'vmap': torch.func.vmap of torch.func.grad),
 checks that they give the same nets, and breaks one training step down into augmentation, gradient and update.
 The last line is
 
@@ -22,8 +22,8 @@ import torch
 from ptm_nb.augment import DSAConfig
 from ptm_nb.data import load_dataset, real_per_class
 from ptm_nb.nets import make_net, flat_params
-import ptm_nb.train as T
-from ptm_nb.train import augment_stack, evaluate_synset, make_grad_fn, stream_generator
+from ptm_nb.engines import make_grad_fn, pick_engine
+from ptm_nb.train import EvalProtocol, augment_stack, evaluate_synset, stream_generator
 
 
 def data_root() -> Path:
@@ -81,8 +81,9 @@ def main():
         ds = load_dataset(name, root=data_root(), download=False)
         for ipc in ipcs:
             x, y = real_per_class(ds.train_x, ds.train_y, ds.n_classes, ipc, stream_generator(0, 'bench', ipc))
-            run = lambda batched, engine: evaluate_synset(x, y, ds.test_x, ds.test_y, epochs=args.epochs, K=args.K,
-                                                          batched=batched, engine=engine, keep_params=True)
+            run = lambda batched, engine: evaluate_synset(
+                x, y, ds.test_x, ds.test_y, EvalProtocol(epochs=args.epochs, K=args.K, batched=batched, engine=engine),
+                keep_params=True)
             seq, t_seq = timed(lambda: run(False, 'func'))
             line = f'{name:22s} ipc {ipc:2d} ({len(x):3d} images): one by one {t_seq:7.1f} s'
             for i, eng in enumerate(engines):
@@ -91,7 +92,7 @@ def main():
                 dparam = (res.params - seq.params).abs().max().item()
                 line += f' | {eng} {t:7.1f} s = {t_seq / t:4.2f}x (acc diff {same_acc:.1e}, max |dW| {dparam:.1e})'
                 if i == 0: speedups[ipc].append(t_seq / t)
-            auto = T.pick_engine(make_net('convnet', tuple(x.shape[1:]), ds.n_classes), True, 'cpu', min(256, len(x)))
+            auto = pick_engine(make_net('convnet', tuple(x.shape[1:]), ds.n_classes), True, 'cpu', min(256, len(x)))
             print(line, f"| {seq.summary()} | engine='auto' here: {auto}", flush=True)
             if not args.no_breakdown:
                 parts = {e: step_breakdown(x, y, ds.n_classes, args.K, e) for e in ['func', *engines]}

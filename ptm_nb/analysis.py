@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import loss_landscapes
 from loss_landscapes.metrics import Metric
 from .nets import make_net, flat_params, load_flat
-from .train import evaluate_synset
+from .train import EvalProtocol, evaluate_synset
 
 # %% auto #0
 __all__ = ['ONE_D', 'filter_normalise', 'random_direction', 'MeanLoss', 'Landscape', 'grid_axis', 'loss_landscape_2d',
@@ -285,10 +285,10 @@ def evaluation_net(result, ds, device='cpu', epochs: int | None = None):
     from ptm_nb.runs import eval_lr
     cfg, synset = _run_config(result), result.synset
     lr = eval_lr(cfg['method'], synset)
-    ev = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, net=cfg['net'],
-                         net_options=cfg['net_options'], lr=lr, epochs=int(epochs or cfg['eval']['epochs']),
-                         K=1, seed=cfg['seed'], device=device, n_classes=ds.n_classes, keep_params=True,
-                         label=f"{cfg['method']} evaluation net 0")
+    protocol = EvalProtocol(net=cfg['net'], net_options=cfg['net_options'], lr=lr,
+                            epochs=int(epochs or cfg['eval']['epochs']), K=1, seed=cfg['seed'], device=device)
+    ev = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, protocol, n_classes=ds.n_classes,
+                         keep_params=True, label=f"{cfg['method']} evaluation net 0")
     net = make_net(cfg['net'], tuple(ds.image_shape), ds.n_classes, device=device, **cfg['net_options'])
     return load_flat(net, ev.params[0].to(device)).eval(), ev
 

@@ -265,7 +265,7 @@ def evaluate_set(path, dataset: str | None = None, net: str = 'convnet', scale: 
                  ds=None) -> dict:
     "Evaluate the synthetic set at `path` under the `scale` protocol: a run's eval.json fields, and more."
     from ptm_nb.runs import resolve_device
-    from ptm_nb.train import evaluate_synset
+    from ptm_nb.train import EvalProtocol, evaluate_synset
     device = resolve_device(device)                  # a device that is not here: an error before any work
     s = load_synthetic(path)
     ds = ds if ds is not None else dataset_for(s, dataset, data_root)
@@ -273,8 +273,9 @@ def evaluate_set(path, dataset: str | None = None, net: str = 'convnet', scale: 
     ipc = max(1, len(x) // ds.n_classes)
     p = eval_protocol(scale, dataset or s.dataset or ds.name, ipc, ds.is_3d, hparams)
     lr = protocol_lr(s)
-    res = evaluate_synset(x, y, ds.test_x, ds.test_y, net=net, net_options=p['net_options'], lr=lr,
-                          epochs=p['epochs'], K=p['nets'], seed=seed, device=device, n_classes=ds.n_classes,
+    protocol = EvalProtocol(net=net, net_options=p['net_options'], lr=lr, epochs=p['epochs'], K=p['nets'],
+                            seed=seed, device=device)
+    res = evaluate_synset(x, y, ds.test_x, ds.test_y, protocol, n_classes=ds.n_classes,
                           val=(ds.val_x, ds.val_y) if len(ds.val_y) else None)
     return {**res.to_dict(), 'source': str(s.images_file), 'kind': s.kind,      # a run's record, and more
             'dataset': ds.name, 'scale': scale, 'net': net, 'net_options': p['net_options'], 'seed': seed,

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from .nets import make_net, functional, flat_params
 from .augment import DSAConfig, dsa_draw, dsa_apply
-from .train import TrainConfig, accuracy, fit_stack, predict, pick_engine, prepare_targets
+from .train import TrainConfig, accuracy, fit_stack, prepare_targets
+from .engines import predict, pick_engine
 from .io import (atomic_write, file_digest, read_json, read_or_quarantine, read_tensors, read_verified,
                        track_digests, write_json_atomic, CorruptFile)
 
@@ -204,7 +205,7 @@ def warm_started(ds, cfg: ExpertConfig, net, W, indices) -> torch.Tensor:
 
 
 def stack_accuracy(net, W, x, y, batch: int = 1024) -> list:
-    """Test accuracy of each of the flat weight vectors `W` (K, P) of `net`, via `ptm_nb.train.predict`.
+    """Test accuracy of each of the flat weight vectors `W` (K, P) of `net`, via `ptm_nb.engines.predict`.
     Always through the functional net, as the trajectories are used (batch norm: batch statistics)."""
     logits = predict(net, W, x, 'func' if len(W) == 1 else pick_engine(net, batched=True), batch)
     return [accuracy(l, y) for l in logits]

@@ -15,7 +15,7 @@ from .io import atomic_write, file_digest, read_json, read_or_quarantine
 from .distill import RunFolder, SyntheticSet, METHODS
 from .runs import RunSpec, run, load_hparams, resolve_device, RunResult, scale_for
 from .runs import eval_lr, evaluate_on_net, evaluate_full_data
-from .train import evaluate_synset, majority_class_accuracy
+from .train import EvalProtocol, evaluate_synset, majority_class_accuracy
 
 
 # %% auto #0
@@ -412,9 +412,9 @@ def _snapshot_eval(paper: Paper, result: RunResult, path: Path) -> dict:
     if e is None:
         cfg, s = result.folder.config, SyntheticSet.load(path)
         ds, ev = paper._loaded[cfg['dataset']], cfg['eval']
-        r = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, net=cfg['net'],
-                            net_options=cfg['net_options'], lr=eval_lr(cfg['method'], s), epochs=ev['epochs'],
-                            K=ev['nets'], seed=cfg['seed'], device=paper.device, n_classes=ds.n_classes,
+        protocol = EvalProtocol(net=cfg['net'], net_options=cfg['net_options'], lr=eval_lr(cfg['method'], s),
+                                epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=paper.device)
+        r = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, protocol, n_classes=ds.n_classes,
                             checkpoint=path.with_name(f'eval_checkpoint_{path.stem}.pt'))  # not iter_*
         e = r.to_dict()
         atomic_write(cache, lambda f: json.dump(e, f), 'w')

@@ -13,7 +13,7 @@ from .data import load_dataset, limit_train
 from .experts import ExpertConfig, generate_experts, expert_folder
 from .io import CorruptFile, atomic_write, file_lock, read_json, read_or_quarantine, track_digests
 from .distill import RunFolder, SyntheticSet, get_method, METHODS
-from .train import evaluate_synset, full_data_baseline
+from .train import EvalProtocol, evaluate_synset, full_data_baseline
 import importlib, pkgutil
 import ptm_nb.baselines
 import ptm_nb.ptm          # registers PTM
@@ -521,9 +521,9 @@ def _compute(cfg, path, ds, root, device, progress) -> RunResult:
         from ptm_nb.picture import write_synset_png     # synset.png beside it; a failure only warns
         write_synset_png(folder.path / 'synset.png', synset, ds)
     ev = cfg['eval']
-    res = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, net=cfg['net'],
-                          net_options=cfg['net_options'], lr=eval_lr(method, synset),
-                          epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=device,
+    protocol = EvalProtocol(net=cfg['net'], net_options=cfg['net_options'], lr=eval_lr(method, synset),
+                            epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=device)
+    res = evaluate_synset(synset.images, synset.labels, ds.test_x, ds.test_y, protocol,
                           n_classes=ds.n_classes,
                           checkpoint=folder.path / 'eval_checkpoint.pt',   # a killed evaluation resumes
                           val=(ds.val_x, ds.val_y) if len(ds.val_y) else None)   # tuning reads val only
@@ -564,9 +564,9 @@ def evaluate_on_net(result: RunResult, net: str, ds, net_options: dict | None = 
     if found is None:
         cfg, s, ev = result.folder.config, result.synset, result.folder.config['eval']
         options = cfg['net_options'] if net == cfg['net'] else net_options or {}
-        res = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, net=net, net_options=options,
-                              lr=result.eval['lr'], epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'],
-                              device=device, n_classes=ds.n_classes,
+        protocol = EvalProtocol(net=net, net_options=options, lr=result.eval['lr'], epochs=ev['epochs'],
+                                K=ev['nets'], seed=cfg['seed'], device=device)
+        res = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, protocol, n_classes=ds.n_classes,
                               checkpoint=path.with_name(f'eval_{net}_checkpoint.pt'))
         found = {'net': net, 'net_options': options, **res.to_dict()}
         atomic_write(path, lambda f: json.dump(found, f, indent=1, default=float), 'w')

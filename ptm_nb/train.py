@@ -6,21 +6,20 @@
 from __future__ import annotations
 import hashlib, math, time
 from pathlib import Path
-from dataclasses import dataclass, field, replace, asdict
+from dataclasses import dataclass, field, fields, replace, asdict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import vmap, grad_and_value
-from .nets import make_net, functional, flat_params, load_flat, ConvNet, LeNet, AlexNet
+from .nets import make_net, flat_params, load_flat
+from .engines import ENGINES, has_buffers, stackable, pick_engine, make_grad_fn, predict
 from .augment import DSAConfig, DSADraw, dsa_draw, dsa_apply
 from .data import real_per_class
 from .io import atomic_write, read_tensors, read_or_quarantine, CorruptFile
 
 # %% auto #0
-__all__ = ['SOFT_TARGETS', 'ENGINES', 'CPU_STACK_MAX_BATCH', 'EVAL_CHECKPOINT_EVERY_S', 'stream_seed', 'stream_generator',
-           'accuracy', 'balanced_accuracy', 'roc_auc', 'auc_ovr', 'majority_class_accuracy', 'test_metrics',
-           'prepare_targets', 'TrainConfig', 'stackable', 'StackedNet', 'has_buffers', 'pick_engine', 'make_grad_fn',
-           'predict', 'augment_stack', 'fit_stack', 'TrainResult', 'train_net', 'EvalResult', 'evaluate_synset',
+__all__ = ['SOFT_TARGETS', 'EVAL_CHECKPOINT_EVERY_S', 'stream_seed', 'stream_generator', 'accuracy', 'balanced_accuracy',
+           'roc_auc', 'auc_ovr', 'majority_class_accuracy', 'test_metrics', 'prepare_targets', 'TrainConfig',
+           'augment_stack', 'fit_stack', 'TrainResult', 'train_net', 'EvalResult', 'EvalProtocol', 'evaluate_synset',
            'random_real_baseline', 'full_data_epochs', 'full_data_baseline']
 
 # %% ../nbs/03_train.ipynb #ab9ccd1f
@@ -150,137 +149,6 @@ class TrainConfig:
     def lr_at(self, epoch: int) -> float:
         "The learning rate of epoch `epoch` (0-based)."
         return self.lr * (self.decay if epoch >= math.ceil(self.decay_at * self.epochs) else 1.0)
-
-# %% ../nbs/03_train.ipynb #c62d8c6f
-_STACKABLE_LAYERS = (nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.Sigmoid,
-                     nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool2d, nn.MaxPool3d, nn.Linear)
-
-def stackable(net: nn.Module) -> bool:
-    "Whether `StackedNet` can run K copies of `net` as one grouped network."
-    if type(net) not in (ConvNet, LeNet, AlexNet): return False
-    layers = [*net.features,
-              *(net.classifier if isinstance(net.classifier, nn.Sequential) else [net.classifier])]
-    return (all(type(m) in _STACKABLE_LAYERS for m in layers)
-            and all(m.groups == 1 for m in layers if isinstance(m, nn.modules.conv._ConvNd))
-            and not any(True for _ in net.buffers()))
-
-class StackedNet:
-    """`f(W, x) -> (K, B, classes)`: K copies of `net` with the K flat parameter vectors `W` (K, P), as one
-    model."""
-    def __init__(self, net: nn.Module):
-        if not stackable(net):
-            raise ValueError(f"StackedNet: {type(net).__name__} is not stackable (see `stackable`)")
-        self.net, flat = net, functional(net)
-        offsets = [0]
-        for s in flat.sizes: offsets.append(offsets[-1] + s)
-        self.slots = {n: (a, b, s) for n, a, b, s in zip(flat.names, offsets, offsets[1:], flat.shapes)}
-        self.num_params = flat.num_params
-
-    def param(self, W, name):
-        a, b, shape = self.slots[name]
-        return W[:, a:b].reshape(len(W), *shape)
-
-    def layer(self, prefix, m, h, W):
-        K = len(W)
-        if isinstance(m, nn.modules.conv._ConvNd):
-            w = self.param(W, prefix + 'weight')
-            b = None if m.bias is None else self.param(W, prefix + 'bias').reshape(-1)
-            conv = F.conv2d if isinstance(m, nn.Conv2d) else F.conv3d
-            return conv(h, w.reshape(-1, *w.shape[2:]), b, m.stride, m.padding, m.dilation, groups=K)
-        if isinstance(m, nn.GroupNorm):
-            w = self.param(W, prefix + 'weight').reshape(-1) if m.affine else None
-            b = self.param(W, prefix + 'bias').reshape(-1) if m.affine else None
-            return F.group_norm(h, K * m.num_groups, w, b, m.eps)
-        if isinstance(m, nn.Linear):       # h: (K, B, in)
-            out = torch.bmm(h, self.param(W, prefix + 'weight').transpose(1, 2))
-            return out if m.bias is None else out + self.param(W, prefix + 'bias').unsqueeze(1)
-        return m(h)                        # activations and pooling act per channel
-
-    def __call__(self, W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        "`x`: (K, B, C, ...) one batch per net, or (B, C, ...) shared by all nets."
-        K = len(W)
-        if x.ndim == len(self.net.in_shape) + 1: x = x.unsqueeze(0).expand(K, *x.shape)
-        B = x.shape[1]
-        h = x.transpose(0, 1).reshape(B, K * x.shape[2], *x.shape[3:])
-        for i, m in enumerate(self.net.features): h = self.layer(f'features.{i}.', m, h, W)
-        h = h.reshape(B, K, -1).transpose(0, 1)                       # per net: features(x).flatten(1)
-        if isinstance(self.net.classifier, nn.Sequential):
-            for i, m in enumerate(self.net.classifier): h = self.layer(f'classifier.{i}.', m, h, W)
-        else: h = self.layer('classifier.', self.net.classifier, h, W)
-        return h
-
-# %% ../nbs/03_train.ipynb #b23c3421
-ENGINES = ('func', 'vmap', 'stacked', 'module')
-
-def has_buffers(net: nn.Module) -> bool:
-    return any(b.numel() > 0 for b in net.buffers())
-
-# on the CPU, stacking pays only for minibatches this small (see the measurements above)
-CPU_STACK_MAX_BATCH = 32
-
-def pick_engine(net: nn.Module, batched: bool, device=None, batch: int | None = None) -> str:
-    """The engine `engine='auto'` means for `net` on `device` with `batch` images per net and step: the
-    fastest that the net allows (measured above), one net at a time where stacking does not pay."""
-    if has_buffers(net): return 'module'
-    if not batched: return 'func'
-    on_cpu = torch.device(device if device is not None else 'cpu').type == 'cpu'
-    if on_cpu:
-        return 'stacked' if stackable(net) and (batch is None or batch <= CPU_STACK_MAX_BATCH) else 'func'
-    return 'stacked' if stackable(net) else 'vmap'
-
-def make_grad_fn(net: nn.Module, engine: str):
-    """`grad_fn(W, X, Y) -> (G, losses)`: per-net gradients (K, P) and mean losses (K,) for batches
-    X (K, B, ...)."""
-    if engine not in ENGINES: raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    f = functional(net)
-    def loss(w, x, y): return F.cross_entropy(f(w, x), y)
-    if engine == 'func':
-        one = grad_and_value(loss)
-        def grad_fn(W, X, Y):
-            if len(W) != 1:
-                raise ValueError(f"engine 'func' trains one net at a time, got a stack of {len(W)}")
-            g, l = one(W[0], X[0], Y[0])
-            return g.unsqueeze(0), l.detach().unsqueeze(0)
-    elif engine == 'vmap':
-        many = vmap(grad_and_value(loss))
-        def grad_fn(W, X, Y):
-            g, l = many(W, X, Y)
-            return g, l.detach()
-    elif engine == 'stacked':
-        stacked = StackedNet(net)
-        def grad_fn(W, X, Y):
-            with torch.enable_grad():
-                W = W.detach().requires_grad_()
-                out = stacked(W, X)                                    # (K, B, C)
-                losses = F.cross_entropy(out.flatten(0, 1), Y.flatten(0, 1), reduction='none')
-                losses = losses.view(len(W), -1).mean(1)
-                return torch.autograd.grad(losses.sum(), W)[0], losses.detach()
-    else:
-        params = list(net.parameters())
-        def grad_fn(W, X, Y):
-            if len(W) != 1:
-                raise ValueError(f"engine 'module' trains one net at a time, got a stack of {len(W)}")
-            load_flat(net, W[0]); net.train()
-            with torch.enable_grad():
-                l = F.cross_entropy(net(X[0]), Y[0])
-                g = torch.autograd.grad(l, params)
-            return torch.cat([t.reshape(-1) for t in g]).unsqueeze(0), l.detach().unsqueeze(0)
-    return grad_fn
-
-@torch.no_grad()
-def predict(net: nn.Module, W: torch.Tensor, x: torch.Tensor, engine: str,
-            eval_batch: int = 1024) -> torch.Tensor:
-    "Logits (K, N, classes) of the K nets `W` (K, P) on the images `x` (N, ...), in batches, without a graph."
-    if engine == 'module':
-        if len(W) != 1: raise ValueError(f"engine 'module' predicts with one net at a time, got {len(W)}")
-        load_flat(net, W[0]); net.eval()
-        return torch.cat([net(c) for c in x.split(eval_batch)]).unsqueeze(0)
-    f = functional(net)
-    if engine == 'func' or x.device.type == 'cpu':                 # dense convolutions net by net
-        return torch.stack([torch.cat([f(w, c) for c in x.split(eval_batch)]) for w in W])
-    fwd = StackedNet(net) if engine == 'stacked' else vmap(f, in_dims=(0, None))
-    chunk = max(1, eval_batch // len(W))
-    return torch.cat([fwd(W, c) for c in x.split(chunk)], dim=1)
 
 # %% ../nbs/03_train.ipynb #7b6885f7
 def augment_stack(X: torch.Tensor, dsa: DSAConfig, generators: list, grouped: bool = True) -> torch.Tensor:
@@ -483,12 +351,41 @@ class EvalResult:
         return out
 
 
-# %% ../nbs/03_train.ipynb #add049a2
+# %% ../nbs/03_train.ipynb #e2241ef1
 def _as_int(v, what, low=1):
     if isinstance(v, bool) or int(v) != v or v < low:
         raise ValueError(f"{what} must be an int >= {low}, got {v!r}")
     return int(v)
 
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How `evaluate_synset` evaluates a set (paper Sec. 4.3): `K` fresh `net`s from `seed`, trained for
+    `epochs` with `lr`, `batch_size` and `dsa` (and `cfg`'s other knobs), tested at the final epoch."""
+    net: str = 'convnet'
+    net_options: dict | None = None        # make_net's options (width, depth, ...)
+    lr: float = 0.01
+    epochs: int = 1000
+    K: int = 10
+    seed: int = 0
+    batched: bool = True                   # train the K nets as one stack where that pays (see `engine`)
+    dsa: DSAConfig | None = field(default_factory=DSAConfig)   # None: no augmentation
+    batch_size: int = TrainConfig.batch_size
+    cfg: TrainConfig | None = None         # the other knobs (momentum, decay, soft_target, ...)
+    engine: str = 'auto'                   # 'auto' (`pick_engine`) or one of `ENGINES`
+    device: str | torch.device | None = None   # None: the images' device
+
+    def __post_init__(self):
+        object.__setattr__(self, 'K', _as_int(self.K, 'K'))
+        object.__setattr__(self, 'epochs', _as_int(self.epochs, 'epochs'))
+        object.__setattr__(self, 'lr', float(self.lr))
+
+    @property
+    def train_config(self) -> TrainConfig:
+        "The `TrainConfig` every net trains with: `cfg` with this protocol's lr, epochs, batch size and DSA."
+        return replace(self.cfg or TrainConfig(), lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
+                       dsa=self.dsa)
+
+# %% ../nbs/03_train.ipynb #add049a2
 def _eval_targets(images, labels, test_x, test_y, K: int, n_classes: int | None, cfg: TrainConfig) -> tuple:
     """Check `evaluate_synset`'s sets and test split: (per_net, the image sets, their targets, n_classes),
     where `per_net` says that `images` holds one set per net."""
@@ -552,32 +449,29 @@ def _metric_lists(metrics: list) -> dict:
             'bal_accs': [m['bal_acc'] for m in metrics]}
 
 def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                    net: str = 'convnet', net_options: dict | None = None, lr: float = 0.01,
-                    epochs: int = 1000, K: int = 10, seed: int = 0, batched: bool = True,
-                    dsa: DSAConfig | None = DSAConfig(), device=None, *,
-                    batch_size: int = TrainConfig.batch_size, n_classes: int | None = None,
-                    cfg: TrainConfig | None = None,
-                    engine: str = 'auto', keep_params: bool = False, label: str = '', checkpoint=None,
+                    protocol: EvalProtocol | None = None, *, n_classes: int | None = None,
+                    keep_params: bool = False, label: str = '', checkpoint=None,
                     checkpoint_every_s: float | None = None, val: tuple | None = None) -> EvalResult:
-    """Train K fresh `net`s on (`images`, `labels`) and test them on (`test_x`, `test_y`) at the final epoch.
-    `images` may hold one set per net, (K, N, ...) with labels (K, N[, C]). `cfg` (if given) supplies the
-    other protocol knobs; `lr`, `epochs`, `batch_size` and `dsa` always apply. With a `checkpoint` path the
-    training saves its state there now and then (`fit_stack`) and an interrupted evaluation resumes from it;
-    the file is removed once the nets are tested. `checkpoint_every_s` defaults to `EVAL_CHECKPOINT_EVERY_S`.
-    `val` = (val_x, val_y): the same nets are also tested on the validation split (`EvalResult.val`), which is
-    what tuning reads."""
-    K = _as_int(K, 'K')
-    cfg = replace(cfg or TrainConfig(), lr=float(lr), epochs=_as_int(epochs, 'epochs'), batch_size=batch_size,
-                  dsa=dsa)
+    """Train `protocol.K` fresh nets on (`images`, `labels`), test them on (`test_x`, `test_y`) at the final
+    epoch, as `protocol` says (default: `EvalProtocol()`, the paper's). `images` may hold one set per net,
+    (K, N, ...) with labels (K, N[, C]). With a `checkpoint` path the training saves its state there now and
+    then (`fit_stack`) and an interrupted evaluation resumes from it; the file is removed once the nets are
+    tested. `checkpoint_every_s` defaults to `EVAL_CHECKPOINT_EVERY_S`. `val` = (val_x, val_y): the same nets
+    are also tested on the validation split (`EvalResult.val`), which is what tuning reads."""
+    p = EvalProtocol() if protocol is None else protocol
+    if not isinstance(p, EvalProtocol):
+        raise TypeError(f"protocol must be an EvalProtocol (net, lr, epochs, K, ... as its fields), "
+                        f"got {type(p).__name__}")
+    K, cfg = p.K, p.train_config
     per_net, sets, targets, n_classes = _eval_targets(images, labels, test_x, test_y, K, n_classes, cfg)
-    device = torch.device(device) if device is not None else images.device
+    device = torch.device(p.device) if p.device is not None else images.device
     x = (torch.stack(sets) if per_net else images).to(device)
     y = (torch.stack(targets) if per_net else targets[0]).to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
-    nets = [make_net(net, tuple(test_x.shape[1:]), n_classes, stream_generator(seed, 'net', k, 'init'),
-                     device=device, **(net_options or {})) for k in range(K)]
-    gens = [stream_generator(seed, 'net', k, 'train') for k in range(K)]
-    engine = _eval_engine(engine, nets, net, batched, device,
+    nets = [make_net(p.net, tuple(test_x.shape[1:]), n_classes, stream_generator(p.seed, 'net', k, 'init'),
+                     device=device, **(p.net_options or {})) for k in range(K)]
+    gens = [stream_generator(p.seed, 'net', k, 'train') for k in range(K)]
+    engine = _eval_engine(p.engine, nets, p.net, p.batched, device,
                           min(cfg.batch_size, x.shape[1 if per_net else 0]))
     t0 = time.perf_counter()
     W0 = torch.stack([flat_params(n) for n in nets])
@@ -598,23 +492,30 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_x: torch.Te
                       val=val_metrics, device=str(device))
 
 # %% ../nbs/03_train.ipynb #0e73e8c0
+def _reference_eval(x, y, ds, kw: dict, label: str, **protocol) -> EvalResult:
+    """`evaluate_synset` for a reference row of `ds`: `protocol` and the `EvalProtocol` fields in `kw` (`cfg`,
+    `engine`, ...) make the protocol; the rest of `kw` (`checkpoint`, `keep_params`, ...) goes to the call."""
+    names = {f.name for f in fields(EvalProtocol)}
+    protocol.update({k: v for k, v in kw.items() if k in names})
+    return evaluate_synset(x, y, ds.test_x, ds.test_y, EvalProtocol(**protocol), n_classes=ds.n_classes,
+                           label=label, **{k: v for k, v in kw.items() if k not in names})
+
 def random_real_baseline(ds, ipc: int, draws: int = 5, K: int = 1, seed: int = 0, net: str = 'convnet',
                          net_options: dict | None = None, lr: float = 0.01, epochs: int = 300,
                          batched: bool = True, dsa: DSAConfig | None = DSAConfig(), device=None,
                          **kw) -> EvalResult:
     """`draws` class-balanced sets of `ipc` random real training images (draw d from
     `stream_generator(seed, 'draw', d)`), each trained with `K` nets; the result pools the `draws × K`
-    nets."""
+    nets. `kw`: more `EvalProtocol` fields (`cfg`, `engine`, ...) and `evaluate_synset` options."""
     draws, K = _as_int(draws, 'draws'), _as_int(K, 'K')
     picks = [real_per_class(ds.train_x, ds.train_y, ds.n_classes, ipc, stream_generator(seed, 'draw', d))
              for d in range(draws)]
     # (draws*K, n, ...): net d*K+j sees draw d
     xs = torch.stack([p[0] for p in picks for _ in range(K)])
     ys = torch.stack([p[1] for p in picks for _ in range(K)])
-    return evaluate_synset(xs, ys, ds.test_x, ds.test_y, net, net_options, lr, epochs, draws * K, seed,
-                           batched, dsa, device, n_classes=ds.n_classes,
-                           label=f'random real, ipc {ipc} ({draws} draws x {K} net{"s" if K > 1 else ""})',
-                           **kw)
+    label = f'random real, ipc {ipc} ({draws} draws x {K} net{"s" if K > 1 else ""})'
+    return _reference_eval(xs, ys, ds, kw, label, net=net, net_options=net_options, lr=lr, epochs=epochs,
+                           K=draws * K, seed=seed, batched=batched, dsa=dsa, device=device)
 
 def full_data_epochs(n_train: int, epochs: int, min_steps: int = 0,
                      batch_size: int = TrainConfig.batch_size) -> int:
@@ -631,6 +532,6 @@ def full_data_baseline(ds, epochs: int = 30, K: int = 3, seed: int = 0, net: str
     raises `epochs` on a small split, so that these nets are not trained for fewer steps than the synthetic
     sets' nets (300 epochs of one batch at quick scale) and the row stays the ceiling it is meant to be."""
     epochs = full_data_epochs(len(ds.train_y), epochs, min_steps, batch_size)
-    return evaluate_synset(ds.train_x, ds.train_y, ds.test_x, ds.test_y, net, net_options, lr, epochs, K,
-                           seed, batched, dsa, device, batch_size=batch_size, n_classes=ds.n_classes,
-                           label='full real data', **kw)
+    return _reference_eval(ds.train_x, ds.train_y, ds, kw, 'full real data', net=net, net_options=net_options,
+                           lr=lr, epochs=epochs, K=K, seed=seed, batched=batched, dsa=dsa, device=device,
+                           batch_size=batch_size)

@@ -10,8 +10,9 @@ import ptm_nb.train as T
 from ptm_nb.augment import DSAConfig
 from ptm_nb.data import load_dataset
 from ptm_nb.nets import flat_params, make_net
-from ptm_nb.train import (EvalResult, TrainConfig, auc_ovr, balanced_accuracy, evaluate_synset, fit_stack,
-                          full_data_baseline, majority_class_accuracy, random_real_baseline, train_net)
+from ptm_nb.engines import CPU_STACK_MAX_BATCH, pick_engine
+from ptm_nb.train import (EvalProtocol, EvalResult, TrainConfig, auc_ovr, balanced_accuracy, evaluate_synset,
+                          fit_stack, full_data_baseline, majority_class_accuracy, random_real_baseline, train_net)
 
 TINY = {'width': 4, 'depth': 2}
 
@@ -41,7 +42,8 @@ def breast(data_dir):
 
 def test_same_seed_same_result(toy_sets):
     x, y, tx, ty = toy_sets
-    run = lambda seed: evaluate_synset(x, y, tx, ty, net_options=TINY, epochs=3, K=2, seed=seed, keep_params=True)
+    run = lambda seed: evaluate_synset(x, y, tx, ty, EvalProtocol(net_options=TINY, epochs=3, K=2, seed=seed),
+                                       keep_params=True)
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a.params, b.params) and a.accs == b.accs and a.aucs == b.aucs
     assert not torch.allclose(a.params, c.params)                       # another seed: other nets
@@ -52,9 +54,9 @@ def test_same_seed_same_result(toy_sets):
 @pytest.mark.parametrize('engine', ['stacked', 'vmap'])
 def test_batched_equals_one_by_one(toy_sets, engine):
     x, y, tx, ty = toy_sets
-    kw = dict(net_options=TINY, epochs=2, K=3, seed=3, batch_size=5, keep_params=True)   # 3 batches, the last partial
-    seq = evaluate_synset(x, y, tx, ty, batched=False, **kw)
-    bat = evaluate_synset(x, y, tx, ty, batched=True, engine=engine, **kw)
+    p = EvalProtocol(net_options=TINY, epochs=2, K=3, seed=3, batch_size=5)   # 3 batches, the last partial
+    seq = evaluate_synset(x, y, tx, ty, dataclasses.replace(p, batched=False), keep_params=True)
+    bat = evaluate_synset(x, y, tx, ty, dataclasses.replace(p, batched=True, engine=engine), keep_params=True)
     assert seq.engine.startswith('func') and bat.engine == engine
     assert (bat.params - seq.params).abs().max() < 1e-4
     assert bat.accs == seq.accs
@@ -65,15 +67,15 @@ def test_batched_equals_one_by_one_per_net_sets_and_soft_labels():
     xs = torch.stack([toy(6, 2, seed=s)[0] for s in range(3)])          # one set per net, (K, N, ...)
     soft = torch.randn(3, 6, 2, generator=torch.Generator().manual_seed(0))  # logits as labels
     tx, ty = toy(10, 2, seed=9)
-    kw = dict(net_options=TINY, epochs=3, K=3, keep_params=True)
-    seq = evaluate_synset(xs, soft, tx, ty, batched=False, **kw)
-    bat = evaluate_synset(xs, soft, tx, ty, batched=True, **kw)
+    p = EvalProtocol(net_options=TINY, epochs=3, K=3)
+    seq = evaluate_synset(xs, soft, tx, ty, dataclasses.replace(p, batched=False), keep_params=True)
+    bat = evaluate_synset(xs, soft, tx, ty, dataclasses.replace(p, batched=True), keep_params=True)
     assert (bat.params - seq.params).abs().max() < 1e-4 and bat.accs == seq.accs
 
 
 def test_train_net_is_net_k_of_evaluate_synset(toy_sets):
     x, y, tx, ty = toy_sets
-    res = evaluate_synset(x, y, tx, ty, net_options=TINY, epochs=3, K=2, seed=4, keep_params=True)
+    res = evaluate_synset(x, y, tx, ty, EvalProtocol(net_options=TINY, epochs=3, K=2, seed=4), keep_params=True)
     net = make_net('convnet', (1, 12, 12), 3, T.stream_generator(4, 'net', 1, 'init'), **TINY)
     one = train_net(net, x, y, tx, ty, epochs=3, generator=T.stream_generator(4, 'net', 1, 'train'))
     assert torch.allclose(flat_params(net), res.params[1], atol=1e-4) and one.acc == res.accs[1]
@@ -84,29 +86,29 @@ def test_train_net_is_net_k_of_evaluate_synset(toy_sets):
 @pytest.mark.parametrize('net,options', [('lenet', {'channels': (2, 3), 'hidden': (8, 6)}), ('resnet18', {'width': 4})])
 def test_vmap_engine_matches_one_by_one(toy_sets, net, options):
     x, y, tx, ty = toy_sets
-    kw = dict(net=net, net_options=options, epochs=1, K=2, batch_size=6, keep_params=True)
-    v = evaluate_synset(x, y, tx[:8], ty[:8], engine='vmap', **kw)
-    s = evaluate_synset(x, y, tx[:8], ty[:8], batched=False, **kw)
+    p = EvalProtocol(net=net, net_options=options, epochs=1, K=2, batch_size=6)
+    v = evaluate_synset(x, y, tx[:8], ty[:8], dataclasses.replace(p, engine='vmap'), keep_params=True)
+    s = evaluate_synset(x, y, tx[:8], ty[:8], dataclasses.replace(p, batched=False), keep_params=True)
     assert (v.params - s.params).abs().max() < 1e-4 and v.accs == s.accs
-    auto = evaluate_synset(x[:3], y[:3], tx[:8], ty[:8], epochs=1, K=1, net=net, net_options=options).engine
+    auto = evaluate_synset(x[:3], y[:3], tx[:8], ty[:8], EvalProtocol(epochs=1, K=1, net=net, net_options=options)).engine
     assert auto == ('stacked' if net == 'lenet' else 'func (one net at a time)')   # 'auto' on the CPU, 3 images
 
 
 def test_auto_engine_by_device_and_batch():
     conv, res = make_net('convnet', (1, 12, 12), 3, **TINY), make_net('resnet18', (1, 12, 12), 3, width=2)
-    assert [T.pick_engine(conv, True, 'cpu', b) for b in (4, T.CPU_STACK_MAX_BATCH, 256)] == ['stacked', 'stacked', 'func']
-    assert T.pick_engine(conv, True, 'cuda', 256) == 'stacked' and T.pick_engine(res, True, 'cuda', 4) == 'vmap'
-    assert T.pick_engine(res, True, 'cpu', 4) == 'func' and T.pick_engine(conv, False, 'cuda', 4) == 'func'
-    assert T.pick_engine(make_net('resnet18_bn', (1, 12, 12), 3, width=2), True, 'cuda', 4) == 'module'
+    assert [pick_engine(conv, True, 'cpu', b) for b in (4, CPU_STACK_MAX_BATCH, 256)] == ['stacked', 'stacked', 'func']
+    assert pick_engine(conv, True, 'cuda', 256) == 'stacked' and pick_engine(res, True, 'cuda', 4) == 'vmap'
+    assert pick_engine(res, True, 'cpu', 4) == 'func' and pick_engine(conv, False, 'cuda', 4) == 'func'
+    assert pick_engine(make_net('resnet18_bn', (1, 12, 12), 3, width=2), True, 'cuda', 4) == 'module'
 
 
 def test_batch_norm_net_trains_one_at_a_time(toy_sets):
     x, y, tx, ty = toy_sets
-    kw = dict(net='resnet18_bn', net_options={'width': 2}, epochs=1, K=2, dsa=None)
-    res = evaluate_synset(x[:6], y[:6], tx[:8], ty[:8], batched=True, **kw)
+    p = EvalProtocol(net='resnet18_bn', net_options={'width': 2}, epochs=1, K=2, dsa=None)
+    res = evaluate_synset(x[:6], y[:6], tx[:8], ty[:8], dataclasses.replace(p, batched=True))
     assert res.engine == 'module (one net at a time)' and res.n_nets == 2
     with pytest.raises(ValueError, match='buffers'):
-        evaluate_synset(x[:6], y[:6], tx[:8], ty[:8], engine='vmap', **kw)
+        evaluate_synset(x[:6], y[:6], tx[:8], ty[:8], dataclasses.replace(p, engine='vmap'))
 
 
 def test_small_set_is_one_batch_per_epoch(monkeypatch, toy_sets):
@@ -202,8 +204,9 @@ def test_eval_result_numbers():
 
 def test_errors(toy_sets):
     x, y, tx, ty = toy_sets
-    ev = lambda **kw: evaluate_synset(**{'images': x, 'labels': y, 'test_x': tx, 'test_y': ty, 'net_options': TINY,
-                                        'epochs': 1, 'K': 1, **kw})
+    def ev(images=x, labels=y, n_classes=None, **protocol):
+        p = EvalProtocol(**{'net_options': TINY, 'epochs': 1, 'K': 1, **protocol})
+        return evaluate_synset(images, labels, tx, ty, p, n_classes=n_classes)
     with pytest.raises(ValueError, match='K must be an int >= 1'): ev(K=0)
     with pytest.raises(ValueError, match='epochs must be'): ev(epochs=0)
     with pytest.raises(ValueError, match='11 labels for 12 images'): ev(labels=y[:11])
@@ -229,10 +232,10 @@ def test_errors(toy_sets):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
 def test_cuda_follows_data_and_matches_cpu(toy_sets):
     x, y, tx, ty = toy_sets
-    kw = dict(net_options=TINY, epochs=3, K=2, keep_params=True)
-    cpu = evaluate_synset(x, y, tx, ty, **kw)
-    gpu = evaluate_synset(x.cuda(), y.cuda(), tx.cuda(), ty.cuda(), **kw)
+    p = EvalProtocol(net_options=TINY, epochs=3, K=2)
+    cpu = evaluate_synset(x, y, tx, ty, p, keep_params=True)
+    gpu = evaluate_synset(x.cuda(), y.cuda(), tx.cuda(), ty.cuda(), p, keep_params=True)
     assert gpu.params.device.type == 'cuda'
     assert (gpu.params.cpu() - cpu.params).abs().max() < 1e-3           # same seeds, same draws, other kernels
-    seq = evaluate_synset(x, y, tx, ty, batched=False, device='cuda', **kw)
+    seq = evaluate_synset(x, y, tx, ty, dataclasses.replace(p, batched=False, device='cuda'), keep_params=True)
     assert (seq.params - gpu.params).abs().max() < 1e-4
