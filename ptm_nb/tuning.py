@@ -9,7 +9,7 @@ from .runs import RunSpec, load_hparams, run_id
 from .distill import RunFolder
 
 # %% auto #0
-__all__ = ['VAL_FIELDS', 'sweep_config', 'grid_points', 'sweep_specs', 'sweep_table', 'choose', 'check_preset']
+__all__ = ['VAL_FIELDS', 'sweep_config', 'grid_points', 'sweep_specs', 'sweep_table', 'chosen_runs', 'choose', 'check_preset']
 
 # %% ../nbs/08c_tuning.ipynb #b1275993
 def sweep_config(scale: str, hparams: dict | None = None) -> dict:
@@ -55,6 +55,12 @@ def sweep_table(scale: str, root, hparams: dict | None = None):
         rows.append({'method': spec.method, **{f'{k}': v for k, v in spec.overrides.items()},
                      **{f: (ev or {}).get(f) for f in VAL_FIELDS}, 'run': rid, 'finished': ev is not None})
     return pd.DataFrame(rows)
+
+def chosen_runs(table) -> set[str]:
+    "The run id of each method's point with the highest validation accuracy (the rows `choose` reads)."
+    done = table[table.finished]
+    return {done.loc[part.val_acc_mean.astype(float).idxmax(), 'run']
+            for _, part in done.groupby('method', sort=False)}
 
 def choose(table) -> dict[str, dict]:
     "Per method, the point with the highest validation accuracy (ties: the first in grid order)."
