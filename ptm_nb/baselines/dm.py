@@ -12,7 +12,7 @@ from ..augment import DSAConfig, dsa_apply
 from ..unroll import NonFiniteGuard
 from ..distill import SyntheticSet, initial_images, register_method
 from .common import ClassBatches, baseline_net, embed, Resumable
-from .gm import siamese_draw, config_from_hp, SIAMESE_MODES
+from .gm import siamese_draw, config_from_hp, SIAMESE_MODES, check_matching_config, start_images
 
 # %% auto #0
 __all__ = ['DMConfig', 'class_means', 'dm_objective', 'distill_dm']
@@ -33,13 +33,8 @@ class DMConfig:
     checkpoint_every: int = 100
 
     def __post_init__(self):
-        def bad(name, why): raise ValueError(f'DMConfig.{name}={getattr(self, name)!r}: {why}')
-        if self.iterations < 1: bad('iterations', 'must be >= 1')
-        if self.init not in ('noise', 'real'): bad('init', "choose 'noise' or 'real'")
-        if self.siamese not in SIAMESE_MODES: bad('siamese', f'choose one of {SIAMESE_MODES}')
-        if not self.lr_eval > 0: bad('lr_eval', 'must be positive')
-        for name in ('batch_real', 'log_every', 'checkpoint_every'):
-            if getattr(self, name) < 1: bad(name, 'must be >= 1')
+        check_matching_config(self, ('batch_real', 'log_every', 'checkpoint_every'))
+        if not self.lr_eval > 0: raise ValueError(f'DMConfig.lr_eval={self.lr_eval!r}: must be positive')
         DSAConfig(strategy=self.dsa)
 
 # %% ../../nbs/07c_dm.ipynb #b89b0a13
@@ -67,11 +62,7 @@ def distill_dm(ds, ipc: int, cfg: DMConfig, seed: int = 0, device='cpu', run=Non
     device, C = torch.device(device), ds.n_classes
     net_hp = {'net': net, 'net_options': net_options}
     aug, nd = DSAConfig(strategy=cfg.dsa), len(ds.image_shape) - 1
-    gen = torch.Generator().manual_seed(seed)
-    batches = ClassBatches(ds.train_x, ds.train_y, C, getattr(ds, 'name', 'dataset'))
-    images, labels = initial_images(ds.train_x, ds.train_y, C, ipc, cfg.init, gen)
-    images = images.to(device).requires_grad_(True); labels = labels.to(device)
-    opt_img = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.img_momentum)
+    gen, batches, images, labels, opt_img = start_images(ds, ipc, cfg, seed, device)
     guard = NonFiniteGuard()
     state = Resumable(run, images=images, opt_img=opt_img, generator=gen)
     start = state.start()

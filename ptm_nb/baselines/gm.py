@@ -16,14 +16,32 @@ from ..distill import SyntheticSet, initial_images, register_method
 from .common import ClassBatches, baseline_net, Resumable
 
 # %% auto #0
-__all__ = ['DISTANCES', 'SIAMESE_MODES', 'DC_LOOPS', 'GMConfig', 'loops_for', 'gradient_distance', 'siamese_draw',
-           'class_gradient', 'gm_objective', 'has_batchnorm', 'freeze_batchnorm', 'train_on_synset', 'distill_gm',
-           'config_from_hp']
+__all__ = ['DISTANCES', 'SIAMESE_MODES', 'DC_LOOPS', 'check_matching_config', 'start_images', 'GMConfig', 'loops_for',
+           'gradient_distance', 'siamese_draw', 'class_gradient', 'gm_objective', 'has_batchnorm', 'freeze_batchnorm',
+           'train_on_synset', 'distill_gm', 'config_from_hp']
 
 # %% ../../nbs/07b_gm.ipynb #aed2a9bd
 DISTANCES = ('layerwise_cos', 'mse', 'cos')
 SIAMESE_MODES = ('batch', 'sample')
 DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+
+def check_matching_config(cfg, counts: tuple):
+    "The checks DC/DSA's and DM's configs share (iterations, init, siamese, counts >= 1), named by class."
+    def bad(name, why): raise ValueError(f'{type(cfg).__name__}.{name}={getattr(cfg, name)!r}: {why}')
+    if cfg.iterations < 1: bad('iterations', 'must be >= 1')
+    if cfg.init not in ('noise', 'real'): bad('init', "choose 'noise' or 'real'")
+    if cfg.siamese not in SIAMESE_MODES: bad('siamese', f'choose one of {SIAMESE_MODES}')
+    for name in counts:
+        if getattr(cfg, name) < 1: bad(name, 'must be >= 1')
+
+def start_images(ds, ipc: int, cfg, seed: int, device) -> tuple:
+    "What DC/DSA and DM start from: (generator, class batches, learned images, labels, the images' SGD)."
+    gen = torch.Generator().manual_seed(seed)
+    batches = ClassBatches(ds.train_x, ds.train_y, ds.n_classes, getattr(ds, 'name', 'dataset'))
+    images, labels = initial_images(ds.train_x, ds.train_y, ds.n_classes, ipc, cfg.init, gen)
+    images = images.to(device).requires_grad_(True)
+    opt_img = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.img_momentum)
+    return gen, batches, images, labels.to(device), opt_img
 
 @dataclass
 class GMConfig:
@@ -48,12 +66,9 @@ class GMConfig:
 
     def __post_init__(self):
         def bad(name, why): raise ValueError(f'GMConfig.{name}={getattr(self, name)!r}: {why}')
-        if self.iterations < 1: bad('iterations', 'must be >= 1')
-        if self.init not in ('noise', 'real'): bad('init', "choose 'noise' or 'real'")
+        check_matching_config(self, ('batch_real', 'batch_train', 'bn_real_per_class', 'log_every',
+                                     'checkpoint_every'))
         if self.distance not in DISTANCES: bad('distance', f'choose one of {DISTANCES}')
-        if self.siamese not in SIAMESE_MODES: bad('siamese', f'choose one of {SIAMESE_MODES}')
-        for name in ('batch_real', 'batch_train', 'bn_real_per_class', 'log_every', 'checkpoint_every'):
-            if getattr(self, name) < 1: bad(name, 'must be >= 1')
         if not self.loops: bad('loops', 'needs at least one row ipc: [outer, inner]')
         for k, v in self.loops.items():
             if int(k) < 1 or len(v) != 2 or int(v[0]) < 1 or int(v[1]) < 0:
@@ -163,11 +178,7 @@ def distill_gm(ds, ipc: int, cfg: GMConfig, seed: int = 0, device='cpu', run=Non
     outer, inner = loops_for(ipc, cfg.loops)
     net_hp = {'net': net, 'net_options': net_options}
     aug, nd = DSAConfig(strategy=cfg.dsa), len(ds.image_shape) - 1
-    gen = torch.Generator().manual_seed(seed)
-    batches = ClassBatches(ds.train_x, ds.train_y, C, getattr(ds, 'name', 'dataset'))
-    images, labels = initial_images(ds.train_x, ds.train_y, C, ipc, cfg.init, gen)
-    images = images.to(device).requires_grad_(True); labels = labels.to(device)
-    opt_img = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.img_momentum)
+    gen, batches, images, labels, opt_img = start_images(ds, ipc, cfg, seed, device)
     guard, net_guard = NonFiniteGuard(), NonFiniteGuard()
     state = Resumable(run, images=images, opt_img=opt_img, generator=gen)
     start = state.start()
