@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_distill.ipynb #83a49d3e
 from __future__ import annotations
-import dataclasses, difflib, json, math, os, resource, tempfile, time
+import dataclasses, difflib, json, math, resource, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
