@@ -410,6 +410,8 @@ def main(argv=None) -> int:
     should be, a read-only or full disk) names the path and the fix (`os_error_message`), a wrong input names
     what and how (a dataset's placement guide keeps its lines)."""
     args = build_parser().parse_args(argv)
+    from ptm_nb.engines import keep_freed_memory
+    keep_freed_memory()                   # freed tensors stay in the heap (nbs/03a_engines)
     say = lambda text: print(f'ptm-nb {args.command}: error: {text}', file=sys.stderr)
     try:
         if getattr(args, 'device', None) is not None:

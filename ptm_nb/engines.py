@@ -11,7 +11,8 @@ from torch.func import vmap, grad_and_value
 from .nets import functional, load_flat, ConvNet, LeNet, AlexNet
 
 # %% auto #0
-__all__ = ['ENGINES', 'CPU_STACK_MAX_BATCH', 'stackable', 'StackedNet', 'has_buffers', 'pick_engine', 'make_grad_fn', 'predict']
+__all__ = ['ENGINES', 'CPU_STACK_MAX_BATCH', 'TRIM_THRESHOLD', 'TOP_PAD', 'MALLOC_ENV', 'stackable', 'StackedNet', 'has_buffers',
+           'pick_engine', 'make_grad_fn', 'predict', 'keep_freed_memory']
 
 # %% ../nbs/03a_engines.ipynb #c62d8c6f
 _STACKABLE_LAYERS = (nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.Identity, nn.ReLU, nn.LeakyReLU, nn.Sigmoid,
@@ -143,3 +144,25 @@ def predict(net: nn.Module, W: torch.Tensor, x: torch.Tensor, engine: str,
     fwd = StackedNet(net) if engine == 'stacked' else vmap(f, in_dims=(0, None))
     chunk = max(1, eval_batch // len(W))
     return torch.cat([fwd(W, c) for c in x.split(chunk)], dim=1)
+
+# %% ../nbs/03a_engines.ipynb #6a7beab6
+import ctypes, ctypes.util, sys
+
+# mallopt's parameter numbers (glibc malloc.h) and the values set
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+TRIM_THRESHOLD, TOP_PAD = 2**31 - 1, 256 << 20
+
+def keep_freed_memory() -> bool:
+    """Let glibc serve every block from its heap and keep freed ones for reuse (values above): True when set,
+    False where the C library is not glibc (macOS, Windows, musl), which is left as it is."""
+    if not sys.platform.startswith('linux'): return False
+    try: libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    except OSError: return False
+    if not hasattr(libc, 'mallopt') or not hasattr(libc, 'gnu_get_libc_version'): return False
+    return all(libc.mallopt(k, v) == 1 for k, v in
+               ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD)))
+
+# the same as environment variables, read when a process starts (what `ptm_nb.grid` gives its Dask workers), plus
+# one arena: a worker computes in a thread of its own, whose arena `mallopt` would leave on glibc's defaults
+MALLOC_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(TRIM_THRESHOLD), 'MALLOC_TOP_PAD_': str(TOP_PAD),
+              'MALLOC_ARENA_MAX': '1'}

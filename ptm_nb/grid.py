@@ -12,6 +12,7 @@ from .data import load_dataset, limit_train
 from .experts import expert_folder
 from .runs import RunSpec, run, run_id, expert_config, experts_for, load_hparams, resolve_device
 from .distill import RunFolder
+from .engines import keep_freed_memory, MALLOC_ENV
 
 # %% auto #0
 __all__ = ['Task', 'run_finished', 'plan', 'work', 'GridResult', 'default_workers', 'run_grid']
@@ -58,6 +59,7 @@ def plan(specs, root, hparams: dict | None = None, data_root=None,
 def work(task: Task, root, data_root=None, threads: int | None = 1, *deps) -> dict:
     "Do `task` (its `deps` are the results of the tasks it waited for, unused: they only order the graph)."
     if threads: torch.set_num_threads(threads)
+    keep_freed_memory()          # a Dask worker's malloc settings refault every tensor (nbs/03a_engines)
     t0 = time.perf_counter()
     if task.kind == 'experts':
         cfg = task.spec.resolve(task.hparams)
@@ -115,7 +117,10 @@ def _dask_client(tasks: dict[str, Task], scheduler: str | None, workers: int) ->
     # holds it (one GPU); more GPUs: one `dask worker --resources GPU=1` per GPU, given with `scheduler`
     # (README)
     gpu = any(t.device.startswith('cuda') for t in tasks.values())
-    with dask.config.set({'distributed.scheduler.worker-saturation': 1.0}):
+    # the workers' malloc keeps freed tensors (nbs/03a_engines: the nanny's own default returns them to the kernel)
+    env = {**dask.config.get('distributed.nanny.pre-spawn-environ', {}), **MALLOC_ENV}
+    with dask.config.set({'distributed.scheduler.worker-saturation': 1.0,
+                          'distributed.nanny.pre-spawn-environ': env}):
         cluster = None if scheduler else LocalCluster(n_workers=1 if gpu else workers, threads_per_worker=1,
                                                       processes=True, dashboard_address=':0',
                                                       resources={'GPU': 1} if gpu else None)

@@ -12,6 +12,7 @@ import ptm_nb
 from .data import load_dataset, dataset_present, limit_train
 from .manifest import load_manifest, resolve_name, dataset_meta
 from .io import atomic_write, file_digest, read_json, read_or_quarantine
+from .engines import keep_freed_memory
 from .distill import RunFolder, SyntheticSet, METHODS
 from .runs import RunSpec, run, load_hparams, resolve_device, RunResult, scale_for
 from .runs import eval_lr, evaluate_on_net, evaluate_full_data
@@ -104,6 +105,7 @@ class Paper:
     def __init__(self, notebook: str, scale: str = 'smoke', out=None, data_root=None, device: str = 'auto',
                  seed: int = 0, progress: bool = False, hparams: dict | None = None):
         self.hp = hparams or load_hparams()
+        keep_freed_memory()                  # for the runs this notebook computes itself (nbs/03a_engines)
         if scale not in self.hp['scales']:
             raise ValueError(f'unknown scale {scale!r}: choose one of {sorted(self.hp["scales"])}')
         self.notebook, self.scale, self.seed, self.progress = notebook, scale, seed, progress

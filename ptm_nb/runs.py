@@ -450,7 +450,8 @@ def experts_for(ds, cfg: dict, root, device: str, progress: bool = True):
     # one lock per buffer: runs that need the same experts take turns (the second reads what the first
     # trained), while runs on other buffers (another dataset, FTD's flat experts) train theirs meanwhile
     name = expert_folder(ds, ecfg, root).name
-    with file_lock(root / f'{name}.lock', waiting=f'expert buffer {name} (another process is training it)'):
+    busy = f'expert buffer {name} (another process is training or checking it)'
+    with file_lock(root / f'{name}.lock', waiting=busy):
         return generate_experts(ds, ecfg, root, progress=progress)
 
 BOOKKEEPING = ('config.json', 'digests.json', '.lock', '.digests.lock')   # a run folder before any result
