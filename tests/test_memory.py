@@ -43,3 +43,9 @@ def test_embedded_cluster_workers_start_with_the_allocator_settings():
     try: seen = list(client.run(_malloc_env).values())
     finally: client.close(); cluster.close()
     assert seen == [{k: MALLOC_ENV[k] for k in seen[0]}]         # not the nanny's MALLOC_TRIM_THRESHOLD_=65536
+
+def test_readme_gives_hand_started_workers_the_same_settings():
+    from pathlib import Path
+    from ptm_nb.engines import MALLOC_ENV
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    assert all(f'{k}={v}' in readme for k, v in MALLOC_ENV.items())
