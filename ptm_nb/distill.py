@@ -389,8 +389,12 @@ class RunFolder:
         self.config = read_json(cfg_path) if cfg_path.exists() else None
 
     def log(self, record: dict):
-        with open(self.path / 'metrics.jsonl', 'a', encoding='utf-8') as f:
-            f.write(json.dumps(record, default=float) + '\n'); f.flush()
+        p = self.path / 'metrics.jsonl'
+        try:
+            with open(p, 'a', encoding='utf-8') as f: f.write(json.dumps(record, default=float) + '\n'); f.flush()
+        except OSError as e:             # a failed write() names no file: the message names it (a full disk)
+            if e.filename is None: raise OSError(e.errno, e.strerror, str(p)) from e
+            raise
 
     def metrics(self) -> list[dict]:
         "The logged records (a line torn by a kill, or bytes that are not UTF-8 JSON, are skipped)."

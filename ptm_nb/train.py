@@ -6,10 +6,9 @@
 from __future__ import annotations
 import hashlib, math, time
 from pathlib import Path
-from dataclasses import dataclass, field, fields, replace, asdict
+from dataclasses import dataclass, field, fields, replace
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from .nets import make_net, flat_params, load_flat
 from .engines import ENGINES, has_buffers, stackable, pick_engine, make_grad_fn, predict
 from .augment import DSAConfig, DSADraw, dsa_draw, dsa_apply

@@ -465,3 +465,21 @@ def test_the_index_marks_a_notebook_that_failed_in_its_kernel(tmp_path, data_dir
     assert json.loads((nb / 'table1_datasets.failed.json').read_text())['error'].startswith('AssertionError')
     text = (tmp_path / 'out' / 'smoke' / 'README.md').read_text()
     assert '## table1_datasets (last run failed)' in text and 'No result of it yet' in text
+
+
+def test_a_full_disk_while_logging_names_the_metrics_file(tmp_path, data_dir, capsys, monkeypatch):
+    "A write() that fails names no file: the run's log line names metrics.jsonl, and the fix."
+    import builtins
+    real_open = builtins.open
+    def full_open(path, mode='r', *args, **kw):
+        f = real_open(path, mode, *args, **kw)
+        return _Full(f) if str(path).endswith('metrics.jsonl') and 'a' in mode else f
+    with monkeypatch.context() as m:
+        m.setattr(builtins, 'open', full_open)
+        rc, _, err = cli(capsys, 'distill', '--method', 'mtt', '--root', tmp_path, '--data-root', data_dir, *SMOKE)
+    line = one_line(err)
+    [folder] = (tmp_path / 'runs').iterdir()
+    assert rc == 2 and line.startswith(f'ptm-nb distill: error: {folder / "metrics.jsonl"}: No space left on '
+                                       'device. Fix: free space on that disk'), line
+    rc, _, err = cli(capsys, 'distill', '--method', 'mtt', '--root', tmp_path, '--data-root', data_dir, *SMOKE)
+    assert rc == 0 and (folder / 'synset.pt').exists(), err          # space again: it runs to the end
