@@ -12,7 +12,7 @@ import yaml
 from .data import load_dataset, limit_train
 from .experts import ExpertConfig, generate_experts, expert_folder
 from .io import CorruptFile, atomic_write, file_lock, read_json, read_or_quarantine, track_digests
-from .distill import RunFolder, SyntheticSet, get_method, METHODS
+from .distill import RunFolder, SyntheticSet, get_method, METHODS, TM_HOOKS, tm_parts, epochs_needed
 from .train import EvalProtocol, evaluate_synset, full_data_baseline
 import importlib, pkgutil
 import ptm_nb.baselines
@@ -326,6 +326,13 @@ def check_config(cfg: dict):
     from ptm_nb.nets import net_options
     try:
         method_config(cfg['method'], cfg['hp'])
+        if cfg['method'] in TM_HOOKS and cfg.get('experts'):      # before any expert trains for it
+            tm, hooks, *_ = tm_parts(cfg['method'], cfg['hp'])
+            need, have = epochs_needed(tm, hooks), cfg['experts']['epochs']
+            if need and need > have:
+                raise ValueError(f'its windows read expert epochs up to {need}, and its experts are {have} '
+                                 f'epochs long: --set experts.epochs={need}, or a smaller window '
+                                 '(max_start_epoch, expert_epochs)')
         if cfg['method'] == 'seqmatch':                  # its subsets must add up to the run's ipc
             from ptm_nb.baselines.seqmatch import split_ipc
             split_ipc(cfg['ipc'], cfg['hp'].get('n_subsets') or 2, cfg['hp'].get('subset_ipcs'))

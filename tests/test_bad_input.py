@@ -483,3 +483,11 @@ def test_a_full_disk_while_logging_names_the_metrics_file(tmp_path, data_dir, ca
                                        'device. Fix: free space on that disk'), line
     rc, _, err = cli(capsys, 'distill', '--method', 'mtt', '--root', tmp_path, '--data-root', data_dir, *SMOKE)
     assert rc == 0 and (folder / 'synset.pt').exists(), err          # space again: it runs to the end
+
+
+def test_experts_too_short_for_the_window_fail_before_any_expert_trains(tmp_path, data_dir, capsys):
+    rc, _, err = cli(capsys, 'distill', '--method', 'mtt', '--root', tmp_path / 'out', '--data-root', data_dir,
+                     *SMOKE, '--set', 'experts.epochs=1')
+    assert rc == 2 and ('its windows read expert epochs up to 2, and its experts are 1 epochs long: '
+                        '--set experts.epochs=2') in one_line(err), err
+    assert not (tmp_path / 'out').exists()                      # nothing trained, nothing written
