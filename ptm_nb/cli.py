@@ -146,13 +146,13 @@ def _cmd_experts(args) -> int:
     one line `RESULT experts=<folder> n=<experts> epochs=<epochs>` (comma-separated, one item per buffer,
     when there are several)."""
     from ptm_nb.runs import expert_buffers, resolve_device
-    from ptm_nb.grid import Task
+    from ptm_nb.grid import buffer_tasks
     from ptm_nb.report import outputs_root
     root = args.root or outputs_root() / args.scale
     buffers = expert_buffers(args.dataset, args.scale, args.net, args.kind, root, args.ipc, args.device,
                              data_root=args.data_root)                     # errors: see `main`
     device = resolve_device(args.device)
-    tasks = {f.name: Task('experts', f.name, spec, (), device) for f, (spec, _) in buffers.items()}
+    tasks = {k: t for f, (spec, e) in buffers.items() for k, t in buffer_tasks(f, e, spec, device).items()}
     if not _on_grid(tasks, root, args, args.workers): return 1
     for folder, (_, e) in buffers.items():
         print(f'{folder}: {e.n_experts} {"flat" if e.flat else "plain"} experts × {e.epochs} epochs')

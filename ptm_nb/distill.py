@@ -391,7 +391,8 @@ class RunFolder:
     def log(self, record: dict):
         p = self.path / 'metrics.jsonl'
         try:
-            with open(p, 'a', encoding='utf-8') as f: f.write(json.dumps(record, default=float) + '\n'); f.flush()
+            with open(p, 'a', encoding='utf-8') as f:
+                f.write(json.dumps(record, default=float) + '\n'); f.flush()
         except OSError as e:             # a failed write() names no file: the message names it (a full disk)
             if e.filename is None: raise OSError(e.errno, e.strerror, str(p)) from e
             raise

@@ -162,7 +162,7 @@ def keep_freed_memory() -> bool:
     return all(libc.mallopt(k, v) == 1 for k, v in
                ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD)))
 
-# the same as environment variables, read when a process starts (what `ptm_nb.grid` gives its Dask workers), plus
-# one arena: a worker computes in a thread of its own, whose arena `mallopt` would leave on glibc's defaults
-MALLOC_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(TRIM_THRESHOLD), 'MALLOC_TOP_PAD_': str(TOP_PAD),
-              'MALLOC_ARENA_MAX': '1'}
+# the same as environment variables, read when a process starts (what `ptm_nb.grid` gives its Dask
+# workers), plus one arena: a worker computes in a thread of its own, with an arena `mallopt` leaves as is
+MALLOC_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(TRIM_THRESHOLD),
+              'MALLOC_TOP_PAD_': str(TOP_PAD), 'MALLOC_ARENA_MAX': '1'}

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_experts.ipynb #5428f82e
 from __future__ import annotations
-import dataclasses, hashlib, json, math, time
+import contextlib, dataclasses, hashlib, json, math, time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +16,8 @@ from .nets import make_net, functional, flat_params
 from .augment import DSAConfig, dsa_draw, dsa_apply
 from .train import TrainConfig, accuracy, fit_stack, prepare_targets
 from .engines import predict, pick_engine
-from .io import (atomic_write, file_digest, read_json, read_or_quarantine, read_tensors, read_verified,
-                       track_digests, write_json_atomic, CorruptFile)
+from .io import (atomic_write, file_digest, file_lock, read_json, read_or_quarantine, read_tensors,
+                       read_verified, track_digests, write_json_atomic, CorruptFile)
 
 # %% auto #0
 __all__ = ['ExpertError', 'WarmStart', 'ExpertConfig', 'dataset_identity', 'expert_folder', 'expert_seed', 'expert_generators',
@@ -428,10 +428,25 @@ def _expert_file_ok(folder: Path, k: int, meta: dict):
     return {**kept, 'sha256': recorded.get('sha256') or file_digest(path)}
 
 
+def _update_meta(meta_path: Path, meta: dict, found: dict | None = None, missing=()) -> dict:
+    """`meta.json` with the entries `found` (index → record) added and `missing` dropped, merged under a lock
+    with what other processes training experts of the same buffer wrote meanwhile (`meta`: when there is
+    none)."""
+    with file_lock(meta_path.parent / '.meta.lock'):
+        for stale in meta_path.parent.glob(f'.{meta_path.name}.*'): stale.unlink()   # left by a killed writer
+        now = read_or_quarantine(meta_path, read_json, 'the expert files are checked again') or meta
+        for k in missing: now['experts'].pop(str(k), None)
+        now['experts'].update({str(k): v for k, v in (found or {}).items()})
+        write_json_atomic(meta_path, now, sort_keys=True)
+    return now
+
+
 def generate_experts(ds, cfg: ExpertConfig, root='outputs/experts', on_expert_done=None,
-                     progress: bool = True) -> ExpertBuffer:
-    """Train (or finish) `cfg.n_experts` experts on `ds` into `expert_folder(ds, cfg, root)`; returns the
-    buffer."""
+                     progress: bool = True, indices=None) -> ExpertBuffer:
+    """Train (or finish) the experts `indices` (default: all `cfg.n_experts`) on `ds` into
+    `expert_folder(ds, cfg, root)`; returns the buffer. Each expert is trained under a lock of its own by
+    whichever process takes it first, so processes that fill one buffer at once share its experts
+    (`ptm_nb.grid` makes each expert a task)."""
     from tqdm.auto import tqdm
     identity = {'config': cfg.identity(), 'dataset': dataset_identity(ds)}
     folder = _folder_for(identity, root)
@@ -444,25 +459,30 @@ def generate_experts(ds, cfg: ExpertConfig, root='outputs/experts', on_expert_do
     if meta is None:
         meta = {**identity, 'folder': folder.name, 'epochs': cfg.epochs, 'experts': {},
                 'n_params': int(init_flat(ds, cfg, 0)[1].numel())}
-    for stale in [*folder.glob('.*.tmp'), *folder.glob('.*.part')]: stale.unlink()   # left by a killed writer
-    todo = []
-    for k in range(cfg.n_experts):
-        found = _expert_file_ok(folder, k, meta)
-        if found is None:
-            meta['experts'].pop(str(k), None); todo.append(k)
-        else: meta['experts'][str(k)] = found
-    write_json_atomic(meta_path, meta, sort_keys=True)
+    wanted = range(cfg.n_experts) if indices is None else sorted(set(indices))
+    found = {k: e for k in wanted if (e := _expert_file_ok(folder, k, meta)) is not None}
+    todo = [k for k in wanted if k not in found]
+    meta = _update_meta(meta_path, meta, found, todo)
     group = cfg.parallel if cfg.parallel > 1 and todo and stackable_config(ds, cfg) else 1
     bar = tqdm(total=len(todo), desc=f'experts {folder.name}', disable=not progress or not todo)
     for start in range(0, len(todo), group):
-        ks = todo[start:start + group]
-        done = train_experts_stacked(ds, cfg, ks) if len(ks) > 1 else [train_expert(ds, cfg, ks[0])]
-        for k, (traj, m) in zip(ks, done):
-            save = lambda fh: torch.save({'trajectory': traj, 'meta': m}, fh)
-            path = atomic_write(expert_path(folder, k), save, digest=False)    # its sha256 goes to meta.json
-            meta['experts'][str(k)] = {**m, 'sha256': file_digest(path)}
-            write_json_atomic(meta_path, meta, sort_keys=True)
-            bar.update(1); bar.set_postfix(test_acc=f"{m['test_acc'][-1]:.3f}", s=f"{m['wall_s']:.1f}")
-            if on_expert_done is not None: on_expert_done(k, folder)
+        with contextlib.ExitStack() as held:       # locks in index order: no two processes wait on each other
+            for k in todo[start:start + group]:
+                held.enter_context(file_lock(folder / f'.expert_{k:03d}.lock',
+                                             waiting=f'expert {k} of {folder.name} (another process has it)'))
+            now = read_or_quarantine(meta_path, read_json, 'the expert files are checked again') or meta
+            ks = [k for k in todo[start:start + group] if _expert_file_ok(folder, k, now) is None]
+            bar.update(len(todo[start:start + group]) - len(ks))         # trained by another process
+            for k in ks:
+                for stale in folder.glob(f'.{expert_path(folder, k).name}.*'):   # a killed writer's
+                    stale.unlink()
+            done = (train_experts_stacked(ds, cfg, ks) if len(ks) > 1 else
+                    [train_expert(ds, cfg, k) for k in ks])
+            for k, (traj, m) in zip(ks, done):
+                save = lambda fh: torch.save({'trajectory': traj, 'meta': m}, fh)
+                path = atomic_write(expert_path(folder, k), save, digest=False)   # sha256: in meta.json
+                meta = _update_meta(meta_path, meta, {k: {**m, 'sha256': file_digest(path)}})
+                bar.update(1); bar.set_postfix(test_acc=f"{m['test_acc'][-1]:.3f}", s=f"{m['wall_s']:.1f}")
+                if on_expert_done is not None: on_expert_done(k, folder)
     bar.close()
     return ExpertBuffer(folder)

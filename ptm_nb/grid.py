@@ -12,22 +12,40 @@ from .data import load_dataset, limit_train
 from .experts import expert_folder
 from .runs import RunSpec, run, run_id, expert_config, experts_for, load_hparams, resolve_device
 from .distill import RunFolder
+from .io import read_json
 from .engines import keep_freed_memory, MALLOC_ENV
 
 # %% auto #0
-__all__ = ['Task', 'run_finished', 'plan', 'work', 'GridResult', 'default_workers', 'run_grid']
+__all__ = ['KINDS', 'Task', 'buffer_tasks', 'run_finished', 'plan', 'work', 'GridResult', 'default_workers', 'run_grid']
 
 # %% ../nbs/08b_grid.ipynb #f2a570f9
 @dataclass
 class Task:
-    "One unit of work: train an expert buffer (`kind='experts'`) or distil and evaluate a run (`kind='run'`)."
+    """One unit of work: train experts of a buffer (`kind='expert'`: those in `indices`), check a whole buffer
+    once its experts' tasks are done (`'experts'`), or distil and evaluate a run (`'run'`)."""
     kind: str
-    key: str                              # the buffer's folder name or the run id: unique in a graph
+    key: str                              # the buffer's folder name (/first index: experts), or the run id
     spec: RunSpec
     deps: tuple = ()                      # keys of the tasks it waits for
     device: str = 'cpu'
     # the hyper-parameter table the plan resolved with (None: hparams.yaml)
     hparams: dict | None = None
+    indices: tuple = ()                   # the experts an 'expert' task trains
+
+KINDS = ('expert', 'experts', 'run')      # in the order a graph holds them
+
+def buffer_tasks(folder: Path, ecfg, spec: RunSpec, device: str,
+                 hparams: dict | None = None) -> dict[str, Task]:
+    """The tasks of the expert buffer in `folder` (config `ecfg`): one per expert that its `meta.json` does
+    not list yet (a group of `ecfg.parallel` where experts train stacked), so that n workers train n experts
+    at once; then the buffer, which waits for them and checks it whole."""
+    try: listed = read_json(folder / 'meta.json')['experts']
+    except Exception: listed = {}                 # none yet, or damaged: the buffer task sets it right
+    todo, size = [k for k in range(ecfg.n_experts) if str(k) not in listed], max(1, ecfg.parallel)
+    groups = [tuple(todo[i:i + size]) for i in range(0, len(todo), size)]
+    shards = {f'{folder.name}/{g[0]:03d}': Task('expert', f'{folder.name}/{g[0]:03d}', spec, (), device,
+                                                hparams, g) for g in groups}
+    return {**shards, folder.name: Task('experts', folder.name, spec, tuple(shards), device, hparams)}
 
 def run_finished(root, rid: str) -> bool:
     "A run whose evaluation and synthetic set are written needs no task."
@@ -49,11 +67,12 @@ def plan(specs, root, hparams: dict | None = None, data_root=None,
             if cfg['dataset'] not in datasets:
                 datasets[cfg['dataset']] = load_dataset(cfg['dataset'], root=data_root)
             ds = limit_train(datasets[cfg['dataset']], (cfg.get('data') or {}).get('max_train_per_class'))
-            ekey = expert_folder(ds, expert_config(cfg, device, len(ds.train_y)), Path(root) / 'experts').name
-            if ekey not in tasks: tasks[ekey] = Task('experts', ekey, spec, (), device, hparams)
-            deps = (ekey,)
+            ecfg = expert_config(cfg, device, len(ds.train_y))
+            folder = expert_folder(ds, ecfg, Path(root) / 'experts')
+            if folder.name not in tasks: tasks.update(buffer_tasks(folder, ecfg, spec, device, hparams))
+            deps = (folder.name,)
         tasks[rid] = Task('run', rid, spec, deps, device, hparams)
-    return dict(sorted(tasks.items(), key=lambda kv: kv[1].kind != 'experts'))
+    return dict(sorted(tasks.items(), key=lambda kv: KINDS.index(kv[1].kind)))
 
 # %% ../nbs/08b_grid.ipynb #4565eaf5
 def work(task: Task, root, data_root=None, threads: int | None = 1, *deps) -> dict:
@@ -61,12 +80,12 @@ def work(task: Task, root, data_root=None, threads: int | None = 1, *deps) -> di
     if threads: torch.set_num_threads(threads)
     keep_freed_memory()          # a Dask worker's malloc settings refault every tensor (nbs/03a_engines)
     t0 = time.perf_counter()
-    if task.kind == 'experts':
+    if task.kind in ('expert', 'experts'):           # some experts of a buffer, or the whole buffer checked
         cfg = task.spec.resolve(task.hparams)
         ds = limit_train(load_dataset(cfg['dataset'], root=data_root),
                          (cfg.get('data') or {}).get('max_train_per_class'))
-        experts_for(ds, cfg, root, task.device, progress=False)
-        return {'key': task.key, 'kind': 'experts', 'seconds': time.perf_counter() - t0}
+        experts_for(ds, cfg, root, task.device, progress=False, indices=task.indices or None)
+        return {'key': task.key, 'kind': task.kind, 'seconds': time.perf_counter() - t0}
     res = run(task.spec, root=root, data_root=data_root, progress=False, hparams=task.hparams)
     return {'key': task.key, 'kind': 'run', 'seconds': time.perf_counter() - t0,
             'acc_mean': res.eval['acc_mean'], 'val_acc_mean': res.eval.get('val_acc_mean')}
@@ -90,10 +109,11 @@ def default_workers() -> int:
 
 # %% ../nbs/08b_grid.ipynb #2f8fab0f
 def _by_kind(tasks, out) -> str:
-    "Progress by kind of task: 'experts 1/2 · runs 3/16 · failed 1'."
-    total = {k: sum(t.kind == k for t in tasks.values()) for k in ('experts', 'run')}
+    "Progress by kind of task: 'experts 15/30 · buffers 1/2 · runs 3/16 · failed 1'."
+    total = {k: sum(t.kind == k for t in tasks.values()) for k in KINDS}
     done = {k: sum(tasks[key].kind == k for key in (*out.done, *out.failed) if key in tasks) for k in total}
-    parts = [f'{"runs" if k == "run" else k} {done[k]}/{n}' for k, n in total.items() if n]
+    label = {'expert': 'experts', 'experts': 'buffers', 'run': 'runs'}
+    parts = [f'{label[k]} {done[k]}/{n}' for k, n in total.items() if n]
     return ' · '.join(parts + ([f'failed {len(out.failed)}'] if out.failed else []))
 
 def _sequential(tasks, root, data_root, threads, bar) -> GridResult:
@@ -117,7 +137,7 @@ def _dask_client(tasks: dict[str, Task], scheduler: str | None, workers: int) ->
     # holds it (one GPU); more GPUs: one `dask worker --resources GPU=1` per GPU, given with `scheduler`
     # (README)
     gpu = any(t.device.startswith('cuda') for t in tasks.values())
-    # the workers' malloc keeps freed tensors (nbs/03a_engines: the nanny's own default returns them to the kernel)
+    # the workers' malloc keeps freed tensors (nbs/03a_engines; the nanny's default returns them to the OS)
     env = {**dask.config.get('distributed.nanny.pre-spawn-environ', {}), **MALLOC_ENV}
     with dask.config.set({'distributed.scheduler.worker-saturation': 1.0,
                           'distributed.nanny.pre-spawn-environ': env}):

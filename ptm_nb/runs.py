@@ -451,15 +451,12 @@ def expert_config(cfg: dict, device: str, n_train: int | None = None) -> ExpertC
                         lr=float(e.get('lr', ExpertConfig.lr)), seed=e.get('seed', 0),
                         flat=e['kind'] == 'flat', device=device)
 
-def experts_for(ds, cfg: dict, root, device: str, progress: bool = True):
-    "The expert buffer a run needs (trained now if it is not there yet)."
-    ecfg, root = expert_config(cfg, device, len(ds.train_y)), Path(root) / 'experts'
-    # one lock per buffer: runs that need the same experts take turns (the second reads what the first
-    # trained), while runs on other buffers (another dataset, FTD's flat experts) train theirs meanwhile
-    name = expert_folder(ds, ecfg, root).name
-    busy = f'expert buffer {name} (another process is training or checking it)'
-    with file_lock(root / f'{name}.lock', waiting=busy):
-        return generate_experts(ds, ecfg, root, progress=progress)
+def experts_for(ds, cfg: dict, root, device: str, progress: bool = True, indices=None):
+    """The expert buffer a run needs (trained now if it is not there yet); `indices`: only those experts (a
+    task of `ptm_nb.grid`). Processes that need the same buffer share its experts: each is trained under a
+    lock of its own by one of them (`generate_experts`), and each process returns once all are there."""
+    return generate_experts(ds, expert_config(cfg, device, len(ds.train_y)), Path(root) / 'experts',
+                            progress=progress, indices=indices)
 
 BOOKKEEPING = ('config.json', 'digests.json', '.lock', '.digests.lock')   # a run folder before any result
 

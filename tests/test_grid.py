@@ -14,10 +14,12 @@ def _specs():
 def test_plan_holds_each_buffer_once_before_its_runs(tmp_path, data_dir):
     tasks = plan(_specs() + _specs()[:1], tmp_path)
     kinds = [t.kind for t in tasks.values()]
-    assert kinds == ['experts'] + ['run'] * 4
-    buffer = next(iter(tasks))
+    assert kinds == ['expert'] * 2 + ['experts'] + ['run'] * 4               # smoke buffers hold 2 experts
+    buffer = next(k for k, t in tasks.items() if t.kind == 'experts')
+    experts = [k for k, t in tasks.items() if t.kind == 'expert']
+    assert tasks[buffer].deps == tuple(experts) and [tasks[k].indices for k in experts] == [(0,), (1,)]
     assert all(t.deps == (buffer,) for t in tasks.values() if t.kind == 'run')
-    assert set(tasks) - {buffer} == {run_id(s.resolve()) for s in _specs()}
+    assert set(tasks) - {buffer, *experts} == {run_id(s.resolve()) for s in _specs()}
 
 
 def test_local_cluster_gives_the_sets_of_one_process(tmp_path, data_dir):
@@ -25,7 +27,7 @@ def test_local_cluster_gives_the_sets_of_one_process(tmp_path, data_dir):
     one = run_grid(plan(_specs(), tmp_path / 'one'), tmp_path / 'one', workers=0, progress=False)
     two = run_grid(plan(_specs(), tmp_path / 'two'), tmp_path / 'two', workers=2, progress=False)
     assert not one.failed and not two.failed, (one.failed, two.failed)
-    assert set(one.done) == set(two.done) and len(one.done) == 5
+    assert set(one.done) == set(two.done) and len(one.done) == 7
     for s in _specs():
         rid = run_id(s.resolve())
         a = SyntheticSet.load(tmp_path / 'one' / 'runs' / rid / 'synset.pt')
@@ -54,7 +56,7 @@ def test_a_given_scheduler_runs_the_graph(tmp_path, data_dir, monkeypatch):
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=':0') as cluster:
         monkeypatch.setenv('PTM_SCHEDULER', cluster.scheduler_address)
         out = run_grid(plan(specs, tmp_path), tmp_path, progress=False)
-        assert not out.failed and len(out.done) == 3
+        assert not out.failed and len(out.done) == 5
     assert plan(specs, tmp_path) == {}
 
 

@@ -79,16 +79,18 @@ def test_a_folder_without_digests_reads_as_it_is(tmp_path):
 
 
 def test_committed_quick_records_read_back_from_a_fresh_clone(tmp_path):
-    "A clone gives every file a new mtime, and they have no digests.json: they read back as committed."
+    """A clone gives every file a new mtime, and records written before digests were kept have no digests.json
+    (those after have one, which lists files that are not committed, such as checkpoints): both read back as
+    committed."""
     from ptm_nb.distill import RunFolder
     runs = sorted(p.parent for p in (ROOT / 'outputs' / 'quick' / 'runs').glob('*/eval.json'))
     if not runs: pytest.skip('no quick records committed')
-    assert not any((r / DIGESTS).exists() for r in runs)          # written before digests were kept
-    for src in runs[:3]:
+    old, new = ([r for r in runs if (r / DIGESTS).exists() == kept] for kept in (False, True))
+    for src in old[:2] + new[:2]:
         dst = tmp_path / src.name
         shutil.copytree(src, dst, copy_function=shutil.copy)       # copy: new mtimes, as a clone has
         assert all(p.stat().st_mtime_ns != q.stat().st_mtime_ns for p, q in zip(sorted(src.iterdir()),
-                                                                               sorted(dst.iterdir())))
+                                                                               sorted(dst.iterdir())) if p.is_file())
         with warnings.catch_warnings():
             warnings.simplefilter('error')                         # no file is set aside
             f = RunFolder(dst)
@@ -96,7 +98,8 @@ def test_committed_quick_records_read_back_from_a_fresh_clone(tmp_path):
             assert f.load_eval() == json.loads((src / 'eval.json').read_text())
             committed = torch.load(src / 'synset.pt', weights_only=True)['images']
             assert torch.equal(f.load_synset().images, committed)
-        assert not (dst / DIGESTS).exists()                        # reading writes nothing
+        assert (dst / DIGESTS).exists() == (src / DIGESTS).exists()    # reading writes nothing
+        assert sorted(p.name for p in dst.iterdir()) == sorted(p.name for p in src.iterdir())
 
 
 def test_digests_leave_out_logs_and_forget_files_that_are_gone(tmp_path):

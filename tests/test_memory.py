@@ -16,7 +16,8 @@ PROBE = textwrap.dedent('''
 ''')
 
 def _faults(mode):
-    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_='65536')      # what a Dask nanny gives its workers
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}   # (a cluster may have set some)
+    env['MALLOC_TRIM_THRESHOLD_'] = '65536'                     # what a Dask nanny gives its workers
     out = subprocess.run([sys.executable, '-c', PROBE, mode], env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 
