@@ -22,9 +22,9 @@ from .train import EvalProtocol, evaluate_synset, majority_class_accuracy
 # %% auto #0
 __all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'METRICS', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table',
            'Paper', 'method_title', 'distill_seconds', 'result_row', 'seeds_for', 'results_grid', 'over_seeds',
-           'paired_differences', 'paired_table', 'curve', 'full_data_note', 'failed_notebooks', 'write_index',
-           'write_html', 'changed_inputs', 'paper_notebook', 'select_notebooks', 'check_methods', 'check_ipcs',
-           'check_datasets', 'notebook_params', 'hparams_digest', 'reproduce']
+           'paired_differences', 'paired_table', 'curve', 'full_data_note', 'where_note', 'failed_notebooks',
+           'write_index', 'write_html', 'changed_inputs', 'paper_notebook', 'select_notebooks', 'check_methods',
+           'check_ipcs', 'check_datasets', 'notebook_params', 'hparams_digest', 'reproduce']
 
 # %% ../nbs/09a_report.ipynb #189ede73
 REPO = Path(ptm_nb.__file__).resolve().parent.parent
@@ -228,6 +228,17 @@ class Paper:
         return (f'Distillation seeds per cell: {per}; a cell is the mean ± std over seeds of each seed\'s '
                 'mean over its nets (one seed: the std over its nets). Seed s gives every method the same '
                 'initial real images.')
+
+    def budget_note(self, methods, choice: Choice, ipc: int) -> str:
+        "What each method may spend at this scale: the iterations its resolved preset gives it."
+        parts = []
+        for m in methods:
+            hp = self.spec(m, choice, ipc).resolve(self.hp)['hp']
+            if hp.get('iterations') is None: continue
+            per = f" per subset × {hp.get('n_subsets') or 2}" if m == 'seqmatch' else ''
+            parts.append(f"{method_title(m)} {hp['iterations']}{per}")
+        return ('Budget, iterations per run (one image update each; CAFE: networks of at most max_outer '
+                'updates; DC/DSA: outer steps): ' + ', '.join(parts) + '.')
 
     def data_note(self) -> str:
         "Which data stood in for which, and what was absent."
@@ -454,6 +465,14 @@ def full_data_note(long) -> str:
     if not len(full): return ''
     parts = [f"{r.used}: {int(r.nets)} nets × {int(r.epochs)} epochs" for r in full.itertuples()]
     return 'Full real data: the whole training split, ' + '; '.join(parts) + ', final epoch.'
+
+def where_note(long) -> str:
+    "Where the cells ran: the device each run's evaluation record names, with the methods that ran there."
+    ran = long.dropna(subset=['device']) if len(long) and 'device' in long else long
+    if not len(ran): return ''
+    per = ran.groupby('device', sort=True).method.unique()
+    if len(per) == 1: return f'Where: every cell ran on {per.index[0]}.'
+    return 'Where: ' + '; '.join(f"{d}: {', '.join(ms)}" for d, ms in per.items()) + '.'
 
 # %% ../nbs/09a_report.ipynb #1a7c83e2
 def failed_notebooks(root) -> dict:
