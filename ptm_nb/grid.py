@@ -138,7 +138,10 @@ def _dask_client(tasks: dict[str, Task], scheduler: str | None, workers: int) ->
     # (README)
     gpu = any(t.device.startswith('cuda') for t in tasks.values())
     # the workers' malloc keeps freed tensors (nbs/03a_engines; the nanny's default returns them to the OS)
+    # (also in this process's environment, which a nanny reads before its config: one started before may have
+    # left its own MALLOC_TRIM_THRESHOLD_ there)
     env = {**dask.config.get('distributed.nanny.pre-spawn-environ', {}), **MALLOC_ENV}
+    if scheduler is None: os.environ.update(MALLOC_ENV)
     with dask.config.set({'distributed.scheduler.worker-saturation': 1.0,
                           'distributed.nanny.pre-spawn-environ': env}):
         cluster = None if scheduler else LocalCluster(n_workers=1 if gpu else workers, threads_per_worker=1,

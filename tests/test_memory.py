@@ -50,3 +50,13 @@ def test_readme_gives_hand_started_workers_the_same_settings():
     from ptm_nb.engines import MALLOC_ENV
     readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
     assert all(f'{k}={v}' in readme for k, v in MALLOC_ENV.items())
+
+def test_a_nanny_started_before_does_not_undo_them(monkeypatch):
+    "A nanny reads os.environ before its config; one started earlier in this process leaves 65536 there."
+    from ptm_nb.engines import MALLOC_ENV
+    from ptm_nb.grid import _dask_client
+    monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '65536')
+    cluster, client = _dask_client({}, None, 1)
+    try: seen = list(client.run(_malloc_env).values())
+    finally: client.close(); cluster.close()
+    assert seen[0]['MALLOC_TRIM_THRESHOLD_'] == MALLOC_ENV['MALLOC_TRIM_THRESHOLD_']

@@ -7,15 +7,16 @@ from ptm_nb.experts import expert_folder
 from ptm_nb.runs import RunSpec, experts_for, expert_config
 
 
-def test_expert_buffers_are_locked_one_by_one(tmp_path, data_dir):
+def test_experts_are_locked_one_by_one(tmp_path, data_dir):
+    "An expert another process trains is waited for (then read, not trained again); another buffer's is not."
     ds = limit_train(load_dataset('breastmnist', root=data_dir), 8)
     plain, flat = (RunSpec(m, 'breastmnist', 2, 'smoke').resolve() for m in ('mtt', 'ftd'))
     for c in (plain, flat): c['experts'].update(n_experts=1, epochs=1)
-    lock = lambda cfg: tmp_path / 'experts' / f"{expert_folder(ds, expert_config(cfg, 'cpu'), tmp_path / 'experts').name}.lock"
+    lock = lambda cfg: expert_folder(ds, expert_config(cfg, 'cpu'), tmp_path / 'experts') / '.expert_000.lock'
     assert lock(plain) != lock(flat)
     done = {}
     def make(name, cfg): done[name] = experts_for(ds, cfg, tmp_path, 'cpu', progress=False)
-    with file_lock(lock(plain)):                       # another process holds the plain buffer
+    with file_lock(lock(plain)):                       # another process holds the plain buffer's expert
         threads = {n: threading.Thread(target=make, args=(n, c)) for n, c in (('plain', plain), ('flat', flat))}
         for t in threads.values(): t.start()
         threads['flat'].join(300)
