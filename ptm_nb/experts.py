@@ -466,13 +466,14 @@ def generate_experts(ds, cfg: ExpertConfig, root='outputs/experts', on_expert_do
     group = cfg.parallel if cfg.parallel > 1 and todo and stackable_config(ds, cfg) else 1
     bar = tqdm(total=len(todo), desc=f'experts {folder.name}', disable=not progress or not todo)
     for start in range(0, len(todo), group):
+        batch = todo[start:start + group]
         with contextlib.ExitStack() as held:       # locks in index order: no two processes wait on each other
-            for k in todo[start:start + group]:
+            for k in batch:
                 held.enter_context(file_lock(folder / f'.expert_{k:03d}.lock',
                                              waiting=f'expert {k} of {folder.name} (another process has it)'))
             now = read_or_quarantine(meta_path, read_json, 'the expert files are checked again') or meta
-            ks = [k for k in todo[start:start + group] if _expert_file_ok(folder, k, now) is None]
-            bar.update(len(todo[start:start + group]) - len(ks))         # trained by another process
+            ks = [k for k in batch if _expert_file_ok(folder, k, now) is None]
+            bar.update(len(batch) - len(ks))                             # trained by another process
             for k in ks:
                 for stale in folder.glob(f'.{expert_path(folder, k).name}.*'):   # a killed writer's
                     stale.unlink()
