@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from .data import load_dataset, limit_train
-from .experts import expert_folder
+from .experts import expert_folder, expert_path
 from .runs import RunSpec, run, run_id, expert_config, experts_for, load_hparams, resolve_device
 from .distill import RunFolder
 from .io import read_json
@@ -37,11 +37,13 @@ KINDS = ('expert', 'experts', 'run')      # in the order a graph holds them
 def buffer_tasks(folder: Path, ecfg, spec: RunSpec, device: str,
                  hparams: dict | None = None) -> dict[str, Task]:
     """The tasks of the expert buffer in `folder` (config `ecfg`): one per expert that its `meta.json` does
-    not list yet (a group of `ecfg.parallel` where experts train stacked), so that n workers train n experts
-    at once; then the buffer, which waits for them and checks it whole."""
+    not list yet or whose file is absent (a clone holds the committed `meta.json` of a buffer, not its
+    experts), in groups of `ecfg.parallel` where experts train stacked, so that n workers train n experts at
+    once; then the buffer, which waits for them and checks it whole."""
     try: listed = read_json(folder / 'meta.json')['experts']
     except Exception: listed = {}                 # none yet, or damaged: the buffer task sets it right
-    todo, size = [k for k in range(ecfg.n_experts) if str(k) not in listed], max(1, ecfg.parallel)
+    todo = [k for k in range(ecfg.n_experts) if str(k) not in listed or not expert_path(folder, k).exists()]
+    size = max(1, ecfg.parallel)
     groups = [tuple(todo[i:i + size]) for i in range(0, len(todo), size)]
     shards = {f'{folder.name}/{g[0]:03d}': Task('expert', f'{folder.name}/{g[0]:03d}', spec, (), device,
                                                 hparams, g) for g in groups}

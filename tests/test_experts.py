@@ -170,6 +170,17 @@ def test_damaged_file_is_detected_and_redone(tmp_path):
         ExpertBuffer(buf.folder).trajectory(1)
 
 
+def test_a_record_without_its_experts_trains_them_again(tmp_path):
+    # a clone holds the committed meta.json of a buffer and none of its expert files
+    ds, cfg = generated(), ExpertConfig(**TINY, n_experts=2)
+    buf = generate_experts(ds, cfg, tmp_path, progress=False)
+    want = [buf.trajectory(k).clone() for k in range(2)]
+    for k in range(2): expert_path(buf.folder, k).unlink()
+    done = []
+    again = generate_experts(ds, cfg, tmp_path, on_expert_done=lambda k, f: done.append(k), progress=False)
+    assert done == [0, 1] and all(torch.equal(again.trajectory(k), want[k]) for k in range(2))
+
+
 def test_buffer_access_and_errors(tmp_path):
     ds, cfg = generated(), ExpertConfig(**TINY, n_experts=2)
     buf = generate_experts(ds, cfg, tmp_path, progress=False)

@@ -22,6 +22,18 @@ def test_plan_holds_each_buffer_once_before_its_runs(tmp_path, data_dir):
     assert set(tasks) - {buffer, *experts} == {run_id(s.resolve()) for s in _specs()}
 
 
+def test_a_committed_meta_without_its_experts_plans_them_again(tmp_path, data_dir):
+    # a clone holds a buffer's meta.json (its record) but not the expert files: each absent one is a task again
+    from ptm_nb.io import write_json_atomic
+    buffer = next(k for k, t in plan(_specs(), tmp_path).items() if t.kind == 'experts')
+    folder = tmp_path / 'experts' / buffer
+    folder.mkdir(parents=True)
+    write_json_atomic(folder / 'meta.json', {'experts': {'0': {}, '1': {}}})
+    (folder / 'expert_001.pt').write_bytes(b'')
+    tasks = plan(_specs(), tmp_path)
+    assert [t.indices for t in tasks.values() if t.kind == 'expert'] == [(0,)]
+
+
 def test_local_cluster_gives_the_sets_of_one_process(tmp_path, data_dir):
     pytest.importorskip('distributed')
     one = run_grid(plan(_specs(), tmp_path / 'one'), tmp_path / 'one', workers=0, progress=False)
