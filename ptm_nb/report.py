@@ -22,9 +22,9 @@ from .train import EvalProtocol, evaluate_synset, majority_class_accuracy
 # %% auto #0
 __all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'METRICS', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table',
            'Paper', 'method_title', 'distill_seconds', 'result_row', 'seeds_for', 'results_grid', 'over_seeds',
-           'paired_differences', 'paired_table', 'curve', 'full_data_note', 'where_note', 'failed_notebooks',
-           'write_index', 'write_html', 'changed_inputs', 'paper_notebook', 'select_notebooks', 'check_methods',
-           'check_ipcs', 'check_datasets', 'notebook_params', 'hparams_digest', 'reproduce']
+           'paired_differences', 'paired_table', 'curve', 'full_data_note', 'where_note', 'time_note',
+           'failed_notebooks', 'write_index', 'write_html', 'changed_inputs', 'paper_notebook', 'select_notebooks',
+           'check_methods', 'check_ipcs', 'check_datasets', 'notebook_params', 'hparams_digest', 'reproduce']
 
 # %% ../nbs/09a_report.ipynb #189ede73
 REPO = Path(ptm_nb.__file__).resolve().parent.parent
@@ -318,6 +318,7 @@ def result_row(paper: Paper, table: str, choice: Choice, ipc: int, method: str, 
     e = res.eval
     return {'method': method_title(method), 'dataset': choice.label, 'used': choice.used_name, 'ipc': ipc,
             'seed': res.folder.config['seed'], 'device': e.get('device'), 'distill_s': distill_seconds(res),
+            'eval_s': e.get('seconds'),
             'acc_mean': e['acc_mean'], 'acc_std': e['acc_std'], 'auc_mean': e['auc_mean'],
             'auc_std': e.get('auc_std'),
             'bal_acc_mean': e['bal_acc_mean'], 'bal_acc_std': e.get('bal_acc_std'),
@@ -380,6 +381,7 @@ def over_seeds(long):
                'paper': part['paper'].iloc[0] if 'paper' in part else None,
                'device': ','.join(sorted(set(map(str, part.device.dropna())))) if 'device' in part else None,
                'distill_s': part.distill_s.mean() if 'distill_s' in part else None,
+               'eval_s': part.eval_s.mean() if 'eval_s' in part else None,
                'nets': part.nets.iloc[0], 'epochs': part.epochs.iloc[0]}
         for m in METRICS:
             v = part[f'{m}_mean'].astype(float)
@@ -473,6 +475,18 @@ def where_note(long) -> str:
     per = ran.groupby('device', sort=True).method.unique()
     if len(per) == 1: return f'Where: every cell ran on {per.index[0]}.'
     return 'Where: ' + '; '.join(f"{d}: {', '.join(ms)}" for d, ms in per.items()) + '.'
+
+def time_note(summary) -> str:
+    """Each method's wall time per run, distillation / evaluation in seconds (the mean over its cells, as
+    their records say; '–' where a record holds none: a method without a distillation step, or a record
+    written before evaluations kept their time)."""
+    rows = summary[summary.n_seeds.notna()] if len(summary) and 'n_seeds' in summary else summary.iloc[:0]
+    if not len(rows): return ''
+    cols = [c for c in ('distill_s', 'eval_s') if c in rows]
+    per = rows.groupby('method', sort=False)[cols].mean().reindex(columns=['distill_s', 'eval_s'])
+    s = lambda v: '–' if v != v else f'{v:.0f}'
+    return ('Wall time per run (s, mean over its cells; distillation / evaluation): '
+            + ', '.join(f'{m} {s(d)} / {s(e)}' for m, (d, e) in per.iterrows()) + '.')
 
 # %% ../nbs/09a_report.ipynb #1a7c83e2
 def failed_notebooks(root) -> dict:

@@ -532,7 +532,9 @@ def _compute(cfg, path, ds, root, device, progress) -> RunResult:
                           n_classes=ds.n_classes,
                           checkpoint=folder.path / 'eval_checkpoint.pt',   # a killed evaluation resumes
                           val=(ds.val_x, ds.val_y) if len(ds.val_y) else None)   # tuning reads val only
-    result = res.to_dict()                                         # the record: `EvalResult.to_dict`
+    # the record: `EvalResult.to_dict`, and the evaluation's wall seconds in the process that finished it
+    # (from its resume, where a killed evaluation resumed): the tables' time per part
+    result = {**res.to_dict(), 'seconds': round(res.seconds, 1)}
     folder.save_eval(result)
     return RunResult(folder, synset, result)
 
