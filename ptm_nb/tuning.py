@@ -24,8 +24,12 @@ def sweep_config(scale: str, hparams: dict | None = None) -> dict:
                          'give each the same')
     return cfg
 
-def grid_points(grid: dict) -> list[dict]:
-    "Every combination of a method's grid {knob: [values]}, as override dicts, in a fixed order."
+def grid_points(grid: dict | list) -> list[dict]:
+    """Every combination of a method's grid {knob: [values]}, as override dicts, in a fixed order; a list of
+    such grids gives their points one after another, each once (a product and a few points beyond it)."""
+    if isinstance(grid, list):
+        points = [p for g in grid for p in grid_points(g)]
+        return [p for i, p in enumerate(points) if p not in points[:i]]
     keys = sorted(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
