@@ -532,9 +532,7 @@ def _compute(cfg, path, ds, root, device, progress) -> RunResult:
                           n_classes=ds.n_classes,
                           checkpoint=folder.path / 'eval_checkpoint.pt',   # a killed evaluation resumes
                           val=(ds.val_x, ds.val_y) if len(ds.val_y) else None)   # tuning reads val only
-    # the record: `EvalResult.to_dict`, and the evaluation's wall seconds in the process that finished it
-    # (from its resume, where a killed evaluation resumed): the tables' time per part
-    result = {**res.to_dict(), 'seconds': round(res.seconds, 1)}
+    result = res.to_dict()                                         # the record: `EvalResult.to_dict`
     folder.save_eval(result)
     return RunResult(folder, synset, result)
 
@@ -598,7 +596,7 @@ def evaluate_full_data(ds, dataset: str, root, net: str = 'convnet', net_options
         res = full_data_baseline(limit_train(ds, max_train_per_class), epochs=fd['epochs'], K=fd['nets'],
                                  seed=seed, net=net, net_options=net_options or {}, device=device,
                                  min_steps=fd.get('min_steps', 0))
-        out = {**res.to_dict(), 'seconds': round(res.seconds, 1), 'config': json.loads(key)}
+        out = {**res.to_dict(), 'config': json.loads(key)}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: json.dump(out, f, indent=1, default=float), 'w')
     if used is not None: used(path)

@@ -333,12 +333,14 @@ class EvalResult:
         """The record of an evaluation, JSON-ready: a run's `eval.json` (the one builder of it: `ptm-nb
         evaluate`, Table 4's other networks and the full-data rows add their own fields after these). Test
         metrics over the nets (mean, population std, each net's accuracy), the lr, nets and epochs they
-        trained with, where they trained, then the validation numbers (`val_dict`) when there is a
-        validation split."""
+        trained with, where they trained and in how many wall seconds (in the process that finished them:
+        from its resume, where a killed evaluation resumed), then the validation numbers (`val_dict`) when
+        there is a validation split."""
         return {'acc_mean': self.mean, 'acc_std': self.std, 'accs': list(self.accs),
                 'auc_mean': self.auc_mean, 'auc_std': self.auc_std, 'bal_acc_mean': self.bal_acc_mean,
                 'bal_acc_std': self.bal_acc_std, 'lr': self.lr, 'nets': self.n_nets, 'epochs': self.epochs,
-                'reported_at': 'final epoch', 'device': self.device, **self.val_dict()}
+                'reported_at': 'final epoch', 'device': self.device, 'seconds': round(self.seconds, 1),
+                **self.val_dict()}
 
     def val_dict(self) -> dict:
         """The validation-split numbers as `val_<metric>_mean/_std` (empty without a validation split): tuning

@@ -48,7 +48,9 @@ def test_same_seed_same_result(toy_sets):
     assert torch.equal(a.params, b.params) and a.accs == b.accs and a.aucs == b.aucs
     assert not torch.allclose(a.params, c.params)                       # another seed: other nets
     assert not torch.allclose(a.params[0], a.params[1])                 # each net its own init
-    assert a.to_dict() == b.to_dict() and a.to_dict()['device'] == 'cpu'  # the record says where it trained
+    result = lambda r: {k: v for k, v in r.to_dict().items() if k != 'seconds'}     # the wall time differs
+    assert result(a) == result(b) and a.to_dict()['device'] == 'cpu'    # the record says where it trained
+    assert a.to_dict()['seconds'] == round(a.seconds, 1) > 0             # and in how long
 
 
 @pytest.mark.parametrize('engine', ['stacked', 'vmap'])
@@ -196,8 +198,8 @@ def test_eval_result_numbers():
     assert r.to_dict()['reported_at'] == 'final epoch' and r.bal_acc_std == 0
     rec = r.to_dict()                                                  # the record of a run's eval.json
     assert list(rec) == ['acc_mean', 'acc_std', 'accs', 'auc_mean', 'auc_std', 'bal_acc_mean', 'bal_acc_std', 'lr',
-                         'nets', 'epochs', 'reported_at', 'device']
-    assert (rec['nets'], rec['epochs'], rec['lr'], rec['accs']) == (3, 3, 0.01, [0.6, 0.7, 0.8])
+                         'nets', 'epochs', 'reported_at', 'device', 'seconds']
+    assert (rec['nets'], rec['epochs'], rec['lr'], rec['accs'], rec['seconds']) == (3, 3, 0.01, [0.6, 0.7, 0.8], 1.0)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
