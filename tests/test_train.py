@@ -50,7 +50,7 @@ def test_same_seed_same_result(toy_sets):
     assert not torch.allclose(a.params[0], a.params[1])                 # each net its own init
     result = lambda r: {k: v for k, v in r.to_dict().items() if k != 'seconds'}     # the wall time differs
     assert result(a) == result(b) and a.to_dict()['device'] == 'cpu'    # the record says where it trained
-    assert a.to_dict()['seconds'] == round(a.seconds, 1) > 0             # and in how long
+    assert a.to_dict()['seconds'] == round(a.seconds, 1) and a.seconds > 0   # and in how long
 
 
 @pytest.mark.parametrize('engine', ['stacked', 'vmap'])
