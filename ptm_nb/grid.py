@@ -77,8 +77,8 @@ def plan(specs, root, hparams: dict | None = None, data_root=None,
     return dict(sorted(tasks.items(), key=lambda kv: KINDS.index(kv[1].kind)))
 
 # %% ../nbs/08b_grid.ipynb #4565eaf5
-def work(task: Task, root, data_root=None, threads: int | None = 1, *deps) -> dict:
-    "Do `task` (its `deps` are the results of the tasks it waited for, unused: they only order the graph)."
+def work(task: Task, root, data_root=None, threads: int | None = 1) -> dict:
+    "Do `task` (the tasks it waits for are done: `run_grid` submits it only then)."
     if threads: torch.set_num_threads(threads)
     keep_freed_memory()          # a Dask worker's malloc settings refault every tensor (nbs/03a_engines)
     t0 = time.perf_counter()
@@ -117,6 +117,23 @@ def _by_kind(tasks, out) -> str:
     label = {'expert': 'experts', 'experts': 'buffers', 'run': 'runs'}
     parts = [f'{label[k]} {done[k]}/{n}' for k, n in total.items() if n]
     return ' · '.join(parts + ([f'failed {len(out.failed)}'] if out.failed else []))
+
+def _release(waiting: dict, tasks: dict, out: GridResult, bar, submit):
+    """Submit (`submit(task, priority)`) each task of `waiting` whose dependencies are done, and take it out;
+    one whose dependency failed is failed (skipped) instead.
+    Why a task goes to the scheduler only once the tasks it waits for are done, as a task of its own: Dask
+    places a task handed its dependency's result on the worker that holds that result, so the runs of one
+    buffer queued behind each other on one worker while the others idled (measured: a quick grid's last run
+    waited 10 minutes beside an idle worker). Without dependencies a task waits in the scheduler's queue
+    (saturation 1.0) and starts on the next free worker."""
+    order = {k: i for i, k in enumerate(tasks)}
+    for key, t in list(waiting.items()):
+        if failed := [d for d in t.deps if d in out.failed]:
+            out.failed[key] = f'skipped: {", ".join(failed)} failed'
+            del waiting[key]; bar.update(); continue
+        if any(d in waiting or (d in tasks and d not in out.done) for d in t.deps): continue
+        submit(t, len(tasks) - order[key])           # among the ready tasks, the earlier in `tasks` first
+        del waiting[key]
 
 def _sequential(tasks, root, data_root, threads, bar) -> GridResult:
     out = GridResult()
@@ -171,23 +188,18 @@ def run_grid(tasks: dict[str, Task], root, scheduler: str | None = None, workers
     if scheduler and progress:
         print(f'grid: {len(tasks)} tasks on {scheduler} (dashboard: {client.dashboard_link})')
     try:
-        futures = {}
-        # buffers come first: their futures exist when a run names them
-        for i, t in enumerate(tasks.values()):
-            res = {'GPU': 1} if t.device.startswith('cuda') else None
-            # among the tasks that are ready, the earlier in `tasks` runs first (a task that needs no buffer
-            # may still start before an earlier one that waits for its buffer: measured with sleeping tasks)
-            futures[t.key] = client.submit(work, t, root, data_root, threads,
-                                           *[futures[d] for d in t.deps if d in futures],
-                                           key=t.key, retries=retries, pure=False, resources=res,
-                                           priority=len(tasks) - i)
-        out = GridResult()
-        for fut in as_completed(list(futures.values())):
+        out, waiting, running = GridResult(), dict(tasks), as_completed()
+        release = lambda: _release(waiting, tasks, out, bar, lambda t, priority: running.add(client.submit(
+            work, t, root, data_root, threads, key=t.key, retries=retries, pure=False, priority=priority,
+            resources={'GPU': 1} if t.device.startswith('cuda') else None)))
+        release()
+        for fut in running:
             if fut.status == 'finished': out.done[fut.key] = fut.result()
             else:
                 err = fut.exception()
                 out.failed[fut.key] = ''.join(traceback.format_exception(type(err), err, err.__traceback__))
             bar.set_postfix_str(_by_kind(tasks, out)); bar.update()
+            release()
     finally:
         bar.close(); client.close()
         if cluster is not None: cluster.close()

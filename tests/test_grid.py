@@ -34,6 +34,31 @@ def test_a_committed_meta_without_its_experts_plans_them_again(tmp_path, data_di
     assert [t.indices for t in tasks.values() if t.kind == 'expert'] == [(0,)]
 
 
+def test_a_task_is_submitted_once_what_it_waits_for_is_done(tmp_path, data_dir):
+    # a task handed to Dask with its dependency is placed on the worker holding that dependency's result: the
+    # runs of one buffer would queue on one worker; so each goes to the scheduler only when it can start
+    from ptm_nb.grid import _release, GridResult
+    tasks = plan(_specs(), tmp_path)
+    bar = type('Bar', (), {'update': lambda self: None})()
+    def start():
+        waiting, out, sent = dict(tasks), GridResult(), []
+        release = lambda: _release(waiting, tasks, out, bar, lambda t, p: sent.append((t.key, p)))
+        release()
+        return waiting, out, sent, release
+    waiting, out, sent, release = start()
+    kinds = lambda: [tasks[k].kind for k, _ in sent]
+    assert kinds() == ['expert', 'expert']                                # the runs wait for their buffer
+    out.done.update({k: {} for k, _ in sent}); release()
+    assert kinds() == ['expert', 'expert', 'experts']
+    out.done[sent[-1][0]] = {}; release()
+    assert kinds() == ['expert', 'expert', 'experts'] + ['run'] * 4 and not waiting
+    assert [p for _, p in sent] == sorted((p for _, p in sent), reverse=True)   # plan order first
+    waiting, out, sent, release = start()
+    out.failed[sent[0][0]] = 'boom'; out.done[sent[1][0]] = {}; release()    # one expert failed
+    assert len(sent) == 2 and not waiting                                 # nothing after it is sent
+    assert all(out.failed[k].startswith('skipped') for k, t in tasks.items() if t.kind in ('experts', 'run'))
+
+
 def test_local_cluster_gives_the_sets_of_one_process(tmp_path, data_dir):
     pytest.importorskip('distributed')
     one = run_grid(plan(_specs(), tmp_path / 'one'), tmp_path / 'one', workers=0, progress=False)
