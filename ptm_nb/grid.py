@@ -118,22 +118,23 @@ def _by_kind(tasks, out) -> str:
     parts = [f'{label[k]} {done[k]}/{n}' for k, n in total.items() if n]
     return ' · '.join(parts + ([f'failed {len(out.failed)}'] if out.failed else []))
 
-def _release(waiting: dict, tasks: dict, out: GridResult, bar, submit):
-    """Submit (`submit(task, priority)`) each task of `waiting` whose dependencies are done, and take it out;
-    one whose dependency failed is failed (skipped) instead.
-    Why a task goes to the scheduler only once the tasks it waits for are done, as a task of its own: Dask
-    places a task handed its dependency's result on the worker that holds that result, so the runs of one
-    buffer queued behind each other on one worker while the others idled (measured: a quick grid's last run
-    waited 10 minutes beside an idle worker). Without dependencies a task waits in the scheduler's queue
-    (saturation 1.0) and starts on the next free worker."""
+def _release(waiting: dict, tasks: dict, out: GridResult, bar, submit, room: int | None = None):
+    """Submit (`submit(task, priority)`) the first `room` tasks of `waiting` (None: all) whose dependencies
+    are done, in plan order, and take them out; one whose dependency failed is failed (skipped) instead.
+    Why a task goes to Dask only when a worker is free and what it waits for is done: Dask places a task
+    handed its dependency's result on the worker that holds that result, and one submitted early on some
+    worker's queue, so runs queued behind each other on one worker while another idled (measured: a quick
+    grid's last run waited 10 minutes beside an idle worker)."""
     order = {k: i for i, k in enumerate(tasks)}
     for key, t in list(waiting.items()):
         if failed := [d for d in t.deps if d in out.failed]:
             out.failed[key] = f'skipped: {", ".join(failed)} failed'
             del waiting[key]; bar.update(); continue
         if any(d in waiting or (d in tasks and d not in out.done) for d in t.deps): continue
-        submit(t, len(tasks) - order[key])           # among the ready tasks, the earlier in `tasks` first
+        if room is not None and room <= 0: continue
+        submit(t, len(tasks) - order[key])
         del waiting[key]
+        if room is not None: room -= 1
 
 def _sequential(tasks, root, data_root, threads, bar) -> GridResult:
     out = GridResult()
@@ -189,9 +190,11 @@ def run_grid(tasks: dict[str, Task], root, scheduler: str | None = None, workers
         print(f'grid: {len(tasks)} tasks on {scheduler} (dashboard: {client.dashboard_link})')
     try:
         out, waiting, running = GridResult(), dict(tasks), as_completed()
+        # as many tasks in flight as the cluster has threads (it may grow or shrink while the graph runs)
         release = lambda: _release(waiting, tasks, out, bar, lambda t, priority: running.add(client.submit(
             work, t, root, data_root, threads, key=t.key, retries=retries, pure=False, priority=priority,
-            resources={'GPU': 1} if t.device.startswith('cuda') else None)))
+            resources={'GPU': 1} if t.device.startswith('cuda') else None)),
+            room=max(1, sum(client.nthreads().values())) - running.count())
         release()
         for fut in running:
             if fut.status == 'finished': out.done[fut.key] = fut.result()

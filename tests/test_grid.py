@@ -35,8 +35,8 @@ def test_a_committed_meta_without_its_experts_plans_them_again(tmp_path, data_di
 
 
 def test_a_task_is_submitted_once_what_it_waits_for_is_done(tmp_path, data_dir):
-    # a task handed to Dask with its dependency is placed on the worker holding that dependency's result: the
-    # runs of one buffer would queue on one worker; so each goes to the scheduler only when it can start
+    # a task handed to Dask with its dependency is placed on the worker holding that dependency's result, one
+    # handed early on some worker's queue: so each goes to Dask only when it can start and a worker is free
     from ptm_nb.grid import _release, GridResult
     tasks = plan(_specs(), tmp_path)
     bar = type('Bar', (), {'update': lambda self: None})()
@@ -53,6 +53,10 @@ def test_a_task_is_submitted_once_what_it_waits_for_is_done(tmp_path, data_dir):
     out.done[sent[-1][0]] = {}; release()
     assert kinds() == ['expert', 'expert', 'experts'] + ['run'] * 4 and not waiting
     assert [p for _, p in sent] == sorted((p for _, p in sent), reverse=True)   # plan order first
+    waiting, out, sent, _ = start()
+    sent.clear(); waiting.update({k: t for k, t in tasks.items()})
+    _release(waiting, tasks, out, bar, lambda t, p: sent.append((t.key, p)), room=1)   # one worker free
+    assert [tasks[k].kind for k, _ in sent] == ['expert'] and len(waiting) == len(tasks) - 1
     waiting, out, sent, release = start()
     out.failed[sent[0][0]] = 'boom'; out.done[sent[1][0]] = {}; release()    # one expert failed
     assert len(sent) == 2 and not waiting                                 # nothing after it is sent
