@@ -485,8 +485,9 @@ def time_note(summary) -> str:
     cols = [c for c in ('distill_s', 'eval_s') if c in rows]
     per = rows.groupby('method', sort=False)[cols].mean().reindex(columns=['distill_s', 'eval_s'])
     s = lambda v: '–' if v != v else f'{v:.0f}'
-    return ('Wall time per run (s, mean over its cells; distillation / evaluation; a part resumed after a kill '
-            'counts from its resume): ' + ', '.join(f'{m} {s(d)} / {s(e)}' for m, (d, e) in per.iterrows()) + '.')
+    parts = ', '.join(f'{m} {s(d)} / {s(e)}' for m, (d, e) in per.iterrows())
+    return ('Wall time per run (s, mean over its cells; distillation / evaluation; a part resumed after a '
+            f'kill counts from its resume): {parts}.')
 
 # %% ../nbs/09a_report.ipynb #1a7c83e2
 def failed_notebooks(root) -> dict:
