@@ -18,8 +18,8 @@ from .io import atomic_write, read_tensors, read_or_quarantine, CorruptFile
 # %% auto #0
 __all__ = ['SOFT_TARGETS', 'EVAL_CHECKPOINT_EVERY_S', 'stream_seed', 'stream_generator', 'accuracy', 'balanced_accuracy',
            'roc_auc', 'auc_ovr', 'majority_class_accuracy', 'test_metrics', 'prepare_targets', 'TrainConfig',
-           'augment_stack', 'fit_stack', 'TrainResult', 'train_net', 'EvalResult', 'EvalProtocol', 'evaluate_synset',
-           'random_real_baseline', 'full_data_epochs', 'full_data_baseline']
+           'augment_stack', 'fit_stack', 'TrainResult', 'train_net', 'EvalResult', 'results_of', 'EvalProtocol',
+           'evaluate_synset', 'random_real_baseline', 'full_data_epochs', 'full_data_baseline']
 
 # %% ../nbs/03_train.ipynb #ab9ccd1f
 def stream_seed(seed: int, *keys) -> int:
@@ -350,6 +350,10 @@ class EvalResult:
         for key, name in (('accs', 'acc'), ('aucs', 'auc'), ('bal_accs', 'bal_acc')):
             out[f'val_{name}_mean'], out[f'val_{name}_std'] = self._ms(self.val[key])
         return out
+
+def results_of(record: dict) -> dict:
+    "An evaluation record without its wall time: what two evaluations of one set under one protocol share."
+    return {k: v for k, v in record.items() if k != 'seconds'}
 
 
 # %% ../nbs/03_train.ipynb #e2241ef1

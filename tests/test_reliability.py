@@ -18,6 +18,7 @@ from ptm_nb.distill import RunFolder
 from ptm_nb.experts import ExpertBuffer, ExpertError, expert_path
 from ptm_nb.io import DIGESTS, CorruptFile, CorruptFileWarning, read_tensors
 from ptm_nb.runs import RunSpec, run
+from ptm_nb.train import results_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = RunSpec('ptm', 'breastmnist', 2, 'smoke', device='cpu')
@@ -70,17 +71,12 @@ def run_again(root, ds, path: Path):
     return result, said[0]
 
 
-def result_of(record: dict) -> dict:
-    "An evaluation record without its wall time (`seconds`), which no two runs share."
-    return {k: v for k, v in record.items() if k != 'seconds'}
-
-
 def assert_same_result(got, whole_result):
     "The run ended with a valid result, equal to the undamaged run's."
     assert torch.equal(got.synset.images, whole_result.synset.images)
     assert torch.equal(got.synset.labels, whole_result.synset.labels)
     assert got.synset.lr == whole_result.synset.lr
-    assert result_of(got.eval) == result_of(whole_result.eval) and 0 <= got.eval['acc_mean'] <= 1
+    assert results_of(got.eval) == results_of(whole_result.eval) and 0 <= got.eval['acc_mean'] <= 1
     again = RunFolder(got.folder.path)                   # what was written reads back whole
     assert again.load_eval() == got.eval and torch.equal(again.load_synset().images, got.synset.images)
 
