@@ -321,6 +321,20 @@ def method_config(method: str, hp: dict):
     if method == 'cafe': return cafe.CAFEConfig.from_hp(hp)
     return None
 
+def _check_seqmatch(cfg: dict):
+    """SeqMatch's subsets add up to the run's ipc, and its later subsets' experts (trained for it, before the
+    subset is distilled) are long enough for the matching window."""
+    from ptm_nb.baselines.seqmatch import split_ipc
+    from ptm_nb.distill import TMConfig
+    hp = cfg['hp']
+    split_ipc(cfg['ipc'], hp.get('n_subsets') or 2, hp.get('subset_ipcs'))
+    need = TMConfig(**{k: v for k, v in hp.items() if k in TMConfig.__dataclass_fields__}).epochs_needed()
+    have = hp.get('stage_expert_epochs') or (cfg.get('experts') or {}).get('epochs')
+    if have and need > have:
+        raise ValueError(f'its later subsets match expert epochs up to {need}, and their experts are {have} '
+                         f'epochs long: --set stage_expert_epochs={need}, or a smaller window '
+                         '(max_start_epoch, expert_epochs)')
+
 def check_config(cfg: dict):
     "Build what a resolved config asks for, without data or experts: the method's config, the net's options."
     from ptm_nb.nets import net_options
@@ -333,9 +347,7 @@ def check_config(cfg: dict):
                 raise ValueError(f'its windows read expert epochs up to {need}, and its experts are {have} '
                                  f'epochs long: --set experts.epochs={need}, or a smaller window '
                                  '(max_start_epoch, expert_epochs)')
-        if cfg['method'] == 'seqmatch':                  # its subsets must add up to the run's ipc
-            from ptm_nb.baselines.seqmatch import split_ipc
-            split_ipc(cfg['ipc'], cfg['hp'].get('n_subsets') or 2, cfg['hp'].get('subset_ipcs'))
+        if cfg['method'] == 'seqmatch': _check_seqmatch(cfg)
         known = net_options(cfg['net'])
         if unknown := sorted(set(cfg['net_options']) - set(known)):
             raise ValueError(f'{cfg["net"]}: unknown options {unknown}; its options are {sorted(known)}')

@@ -4,7 +4,7 @@ that follow the data, and a sweep that reads the validation split only with the 
 import copy
 import pandas as pd
 import pytest
-from ptm_nb.runs import RunSpec, load_hparams, expert_batch, expert_config, scale_for, METHODS
+from ptm_nb.runs import RunSpec, load_hparams, expert_batch, expert_config, scale_for, check_config, METHODS
 from ptm_nb.tuning import sweep_config, sweep_specs, choose, check_preset, grid_points
 
 TM = [m for m in ('mtt', 'ftd', 'smdd', 'haba', 'datm', 'ptm') if m in METHODS]
@@ -63,6 +63,12 @@ def test_every_trajectory_matching_run_finds_the_epochs_it_reads(scale, dataset)
         elif m in TM_HOOKS: tm, hooks = tm_parts(m, cfg['hp'])[:2]
         else: tm, hooks = TMConfig(**{k: v for k, v in cfg['hp'].items() if k in TMConfig.__dataclass_fields__}), []
         assert epochs_needed(tm, hooks) <= cfg['experts']['epochs'], (m, dataset, scale)
+        check_config(cfg)                   # SeqMatch's later subsets train their own experts: long enough too
+
+
+def test_seqmatch_stage_experts_shorter_than_its_window_are_refused_before_any_work():
+    with pytest.raises(ValueError, match=r'up to 6.*5 epochs long.*stage_expert_epochs=6'):
+        RunSpec('seqmatch', 'pathmnist_subset1000', 2, 'quick', overrides={'stage_expert_epochs': 5}).resolve()
 
 
 def test_expert_batch_follows_the_data():
