@@ -12,7 +12,7 @@ import yaml
 from .data import load_dataset, limit_train
 from .experts import ExpertConfig, generate_experts, expert_folder
 from .io import CorruptFile, atomic_write, file_lock, read_json, read_or_quarantine, track_digests
-from .distill import RunFolder, SyntheticSet, get_method, METHODS, TM_HOOKS, tm_parts, epochs_needed
+from .distill import RunFolder, SyntheticSet, get_method, METHODS, TM_HOOKS, epochs_needed
 from .train import EvalProtocol, evaluate_synset, full_data_baseline
 import importlib, pkgutil
 import ptm_nb.baselines
@@ -321,33 +321,26 @@ def method_config(method: str, hp: dict):
     if method == 'cafe': return cafe.CAFEConfig.from_hp(hp)
     return None
 
-def _check_seqmatch(cfg: dict):
-    """SeqMatch's subsets add up to the run's ipc, and its later subsets' experts (trained for it, before the
-    subset is distilled) are long enough for the matching window."""
-    from ptm_nb.baselines.seqmatch import split_ipc
-    from ptm_nb.distill import TMConfig
-    hp = cfg['hp']
-    split_ipc(cfg['ipc'], hp.get('n_subsets') or 2, hp.get('subset_ipcs'))
-    need = TMConfig(**{k: v for k, v in hp.items() if k in TMConfig.__dataclass_fields__}).epochs_needed()
-    have = hp.get('stage_expert_epochs') or (cfg.get('experts') or {}).get('epochs')
-    if have and need > have:
-        raise ValueError(f'its later subsets match expert epochs up to {need}, and their experts are {have} '
-                         f'epochs long: --set stage_expert_epochs={need}, or a smaller window '
-                         '(max_start_epoch, expert_epochs)')
+def _check_window(tm, hooks, have, reader: str, experts: str, knob: str):
+    "The expert epochs a trajectory-matching config reads lie within the `have` epochs of its experts."
+    need = epochs_needed(tm, hooks)
+    if need and have and need > have:
+        raise ValueError(f'{reader} expert epochs up to {need}, and {experts} are {have} epochs long: '
+                         f'--set {knob}={need}, or a smaller window (max_start_epoch, expert_epochs)')
 
 def check_config(cfg: dict):
     "Build what a resolved config asks for, without data or experts: the method's config, the net's options."
     from ptm_nb.nets import net_options
     try:
-        method_config(cfg['method'], cfg['hp'])
-        if cfg['method'] in TM_HOOKS and cfg.get('experts'):      # before any expert trains for it
-            tm, hooks, *_ = tm_parts(cfg['method'], cfg['hp'])
-            need, have = epochs_needed(tm, hooks), cfg['experts']['epochs']
-            if need and need > have:
-                raise ValueError(f'its windows read expert epochs up to {need}, and its experts are {have} '
-                                 f'epochs long: --set experts.epochs={need}, or a smaller window '
-                                 '(max_start_epoch, expert_epochs)')
-        if cfg['method'] == 'seqmatch': _check_seqmatch(cfg)
+        built, hp, experts = method_config(cfg['method'], cfg['hp']), cfg['hp'], cfg.get('experts') or {}
+        if cfg['method'] in TM_HOOKS and experts:                # before any expert trains for it
+            _check_window(*built, experts['epochs'], 'its windows read', 'its experts', 'experts.epochs')
+        if cfg['method'] == 'seqmatch':
+            from ptm_nb.baselines.seqmatch import split_ipc   # its subsets add up to the run's ipc
+            split_ipc(cfg['ipc'], hp.get('n_subsets') or 2, hp.get('subset_ipcs'))
+            # its later subsets' experts, trained for it before the subset is distilled, cover the window
+            _check_window(*built, hp.get('stage_expert_epochs') or experts.get('epochs'),
+                          'its later subsets match', 'their experts', 'stage_expert_epochs')
         known = net_options(cfg['net'])
         if unknown := sorted(set(cfg['net_options']) - set(known)):
             raise ValueError(f'{cfg["net"]}: unknown options {unknown}; its options are {sorted(known)}')
