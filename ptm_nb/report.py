@@ -221,11 +221,12 @@ class Paper:
 
     def seeds_note(self, seeds) -> str:
         "How many distillation seeds each cell has, as every table with seeds states it."
-        if isinstance(seeds, dict):
-            per = '; '.join(f'{k if isinstance(k, str) else f"ipc {k}"}: {len(v)} ({", ".join(map(str, v))})'
-                            for k, v in seeds.items())
-        else: per = f'{len(seeds)} ({", ".join(map(str, seeds))})'
-        return (f'Distillation seeds per cell: {per}; a cell is the mean ± std over seeds of each seed\'s '
+        def text(s):                  # a nested entry (by ipc, then by method) stands in brackets
+            if isinstance(s, dict):
+                return '; '.join(f'{k if isinstance(k, str) else f"ipc {k}"}: '
+                                 f'{f"[{text(v)}]" if isinstance(v, dict) else text(v)}' for k, v in s.items())
+            return f'{len(s)} ({", ".join(map(str, s))})' if len(s) else 'none (not run)'
+        return (f'Distillation seeds per cell: {text(seeds)}; a cell is the mean ± std over seeds of each seed\'s '
                 'mean over its nets (one seed: the std over its nets). Seed s gives every method the same '
                 'initial real images.')
 
@@ -328,10 +329,12 @@ def result_row(paper: Paper, table: str, choice: Choice, ipc: int, method: str, 
 def seeds_for(seeds, ipc: int, method: str | None = None) -> list[int]:
     """The distillation seeds of a cell: `seeds` is one list for every cell, or a dict keyed by method and/or
     ipc (`{'datm': [0], 10: [0], 'default': [0, 1, 2]}`: a method's entry wins, then the ipc's, then
-    'default'), for fewer seeds where runs cost more; every table says how many seeds each cell has."""
+    'default'), for fewer seeds where runs cost more; every table says how many seeds each cell has. An entry
+    may itself be such a dict, read by the other key (`{10: {'ptm': [0], 'default': []}}`: at ipc 10 only
+    PTM, one seed), and an empty list leaves the cell out (the table shows '–')."""
     if isinstance(seeds, dict):
         for key in (method, ipc, str(ipc), 'default'):
-            if key is not None and key in seeds: return [int(s) for s in seeds[key]]
+            if key is not None and key in seeds: return seeds_for(seeds[key], ipc, method)
         return [0]
     return [int(s) for s in seeds]
 
