@@ -11,18 +11,21 @@ import torch
 from .data import load_dataset, limit_train
 from .experts import expert_folder, expert_path
 from .runs import RunSpec, run, run_id, expert_config, experts_for, load_hparams, resolve_device
+from .runs import curve_snapshots, evaluate_curve
 from .distill import RunFolder
 from .io import read_json
 from .engines import keep_freed_memory, MALLOC_ENV
 
 # %% auto #0
-__all__ = ['KINDS', 'Task', 'buffer_tasks', 'run_finished', 'plan', 'work', 'GridResult', 'default_workers', 'run_grid']
+__all__ = ['KINDS', 'Task', 'buffer_tasks', 'run_finished', 'curve_finished', 'plan', 'work', 'GridResult', 'default_workers',
+           'run_grid']
 
 # %% ../nbs/08b_grid.ipynb #f2a570f9
 @dataclass
 class Task:
     """One unit of work: train experts of a buffer (`kind='expert'`: those in `indices`), check a whole buffer
-    once its experts' tasks are done (`'experts'`), or distil and evaluate a run (`'run'`)."""
+    once its experts' tasks are done (`'experts'`), distil and evaluate a run (`'run'`), or evaluate the
+    snapshots a curve of `points` points of a finished run reads (`'curve'`, key `<run id>/curve`)."""
     kind: str
     key: str                              # the buffer's folder name (/first index: experts), or the run id
     spec: RunSpec
@@ -31,8 +34,9 @@ class Task:
     # the hyper-parameter table the plan resolved with (None: hparams.yaml)
     hparams: dict | None = None
     indices: tuple = ()                   # the experts an 'expert' task trains
+    points: int = 0                       # the points of a 'curve' task
 
-KINDS = ('expert', 'experts', 'run')      # in the order a graph holds them
+KINDS = ('expert', 'experts', 'run', 'curve')      # in the order a graph holds them
 
 def buffer_tasks(folder: Path, ecfg, spec: RunSpec, device: str,
                  hparams: dict | None = None) -> dict[str, Task]:
@@ -54,15 +58,24 @@ def run_finished(root, rid: str) -> bool:
     folder = Path(root) / 'runs' / rid
     return (folder / 'eval.json').exists() and (folder / 'synset.pt').exists()
 
+def curve_finished(root, rid: str, points: int) -> bool:
+    "A finished run whose curve of `points` points has every snapshot evaluated needs no curve task."
+    folder = Path(root) / 'runs' / rid
+    return run_finished(root, rid) and all(p.with_suffix('.eval.json').exists()
+                                           for _, p in curve_snapshots(RunFolder(folder), points))
+
 def plan(specs, root, hparams: dict | None = None, data_root=None,
-         datasets: dict | None = None) -> dict[str, Task]:
+         datasets: dict | None = None, points: int | None = None) -> dict[str, Task]:
     """The tasks that `specs` still need under `root`, keyed (ordered: buffers before the runs that read
-    them).
+    them), and with `points` each run's curve of that many points (`ptm_nb.runs.curve_snapshots`) after it.
     `datasets` ({name: MedDataset}) saves loading each dataset again to name its buffers."""
     hp, datasets, tasks = hparams or load_hparams(), dict(datasets or {}), {}
     for spec in specs:
         cfg = spec.resolve(hp)
         rid, device = run_id(cfg), resolve_device(spec.device)
+        key = f'{rid}/curve'
+        if points and key not in tasks and not curve_finished(root, rid, points):
+            tasks[key] = Task('curve', key, spec, (rid,), device, hparams, points=points)
         if rid in tasks or run_finished(root, rid): continue
         deps = ()
         if cfg['experts']:
@@ -74,6 +87,8 @@ def plan(specs, root, hparams: dict | None = None, data_root=None,
             if folder.name not in tasks: tasks.update(buffer_tasks(folder, ecfg, spec, device, hparams))
             deps = (folder.name,)
         tasks[rid] = Task('run', rid, spec, deps, device, hparams)
+    for t in tasks.values():                     # a curve waits for its run only where the run is a task
+        if t.kind == 'curve': t.deps = tuple(d for d in t.deps if d in tasks)
     return dict(sorted(tasks.items(), key=lambda kv: KINDS.index(kv[1].kind)))
 
 # %% ../nbs/08b_grid.ipynb #4565eaf5
@@ -88,6 +103,12 @@ def work(task: Task, root, data_root=None, threads: int | None = 1) -> dict:
                          (cfg.get('data') or {}).get('max_train_per_class'))
         experts_for(ds, cfg, root, task.device, progress=False, indices=task.indices or None)
         return {'key': task.key, 'kind': task.kind, 'seconds': time.perf_counter() - t0}
+    if task.kind == 'curve':                         # the snapshots of a finished run, evaluated and cached
+        cfg = task.spec.resolve(task.hparams)
+        folder = RunFolder(Path(root) / 'runs' / task.key.split('/')[0])
+        done = evaluate_curve(folder, task.points, load_dataset(cfg['dataset'], root=data_root), task.device)
+        return {'key': task.key, 'kind': 'curve', 'seconds': time.perf_counter() - t0,
+                'acc_mean': [round(e['acc_mean'], 4) for _, e in done]}
     res = run(task.spec, root=root, data_root=data_root, progress=False, hparams=task.hparams)
     return {'key': task.key, 'kind': 'run', 'seconds': time.perf_counter() - t0,
             'acc_mean': res.eval['acc_mean'], 'val_acc_mean': res.eval.get('val_acc_mean')}
@@ -114,7 +135,7 @@ def _by_kind(tasks, out) -> str:
     "Progress by kind of task: 'experts 15/30 · buffers 1/2 · runs 3/16 · failed 1'."
     total = {k: sum(t.kind == k for t in tasks.values()) for k in KINDS}
     done = {k: sum(tasks[key].kind == k for key in (*out.done, *out.failed) if key in tasks) for k in total}
-    label = {'expert': 'experts', 'experts': 'buffers', 'run': 'runs'}
+    label = {'expert': 'experts', 'experts': 'buffers', 'run': 'runs', 'curve': 'curves'}
     parts = [f'{label[k]} {done[k]}/{n}' for k, n in total.items() if n]
     return ' · '.join(parts + ([f'failed {len(out.failed)}'] if out.failed else []))
 

@@ -13,10 +13,10 @@ from .data import load_dataset, dataset_present, limit_train
 from .manifest import load_manifest, resolve_name, dataset_meta
 from .io import atomic_write, file_digest, read_json, read_or_quarantine
 from .engines import keep_freed_memory
-from .distill import RunFolder, SyntheticSet, METHODS
+from .distill import RunFolder, METHODS
 from .runs import RunSpec, run, load_hparams, resolve_device, RunResult, scale_for
-from .runs import eval_lr, evaluate_on_net, evaluate_full_data
-from .train import EvalProtocol, evaluate_synset, majority_class_accuracy
+from .runs import evaluate_on_net, evaluate_full_data, evaluate_curve
+from .train import majority_class_accuracy
 
 
 # %% auto #0
@@ -166,12 +166,14 @@ class Paper:
         return RunSpec(method, choice.used_name, int(ipc), self.scale, self.seed if seed is None else seed,
                        self.device, net, overrides)
 
-    def compute(self, specs):
+    def compute(self, specs, points: int | None = None):
         """Plan, then execute: the expert buffers and runs that `specs` still need, as one task graph on Dask
-        (`ptm_nb.grid`: an embedded LocalCluster of `self.workers` processes; 0 = in this process). Finished
-        runs are no tasks, so a notebook that only reads back starts nothing."""
+        (`ptm_nb.grid`: an embedded LocalCluster of `self.workers` processes; 0 = in this process), and with
+        `points` the evaluations of the snapshots each run's `curve` of that many points reads. Finished work
+        is no task, so a notebook that only reads back starts nothing."""
         from ptm_nb.grid import plan, run_grid
-        tasks = plan(specs, self.root, self.hp, self.data_root, {c.used_name: c.ds for c in self.choices})
+        tasks = plan(specs, self.root, self.hp, self.data_root, {c.used_name: c.ds for c in self.choices},
+                     points=points)
         result = run_grid(tasks, self.root, workers=self.workers, data_root=self.data_root,
                           progress=self.progress)
         result.raise_failures()
@@ -223,12 +225,13 @@ class Paper:
         "How many distillation seeds each cell has, as every table with seeds states it."
         def text(s):                  # a nested entry (by ipc, then by method) stands in brackets
             if isinstance(s, dict):
-                return '; '.join(f'{k if isinstance(k, str) else f"ipc {k}"}: '
-                                 f'{f"[{text(v)}]" if isinstance(v, dict) else text(v)}' for k, v in s.items())
+                part = lambda v: f'[{text(v)}]' if isinstance(v, dict) else text(v)
+                key = lambda k: k if isinstance(k, str) else f'ipc {k}'
+                return '; '.join(f'{key(k)}: {part(v)}' for k, v in s.items())
             return f'{len(s)} ({", ".join(map(str, s))})' if len(s) else 'none (not run)'
-        return (f'Distillation seeds per cell: {text(seeds)}; a cell is the mean ± std over seeds of each seed\'s '
-                'mean over its nets (one seed: the std over its nets). Seed s gives every method the same '
-                'initial real images.')
+        return (f'Distillation seeds per cell: {text(seeds)}; a cell is the mean ± std over seeds of each '
+                'seed\'s mean over its nets (one seed: the std over its nets). Seed s gives every method the '
+                'same initial real images.')
 
     def budget_note(self, methods, choice: Choice, ipc: int) -> str:
         "What each method may spend at this scale: the iterations its resolved preset gives it."
@@ -422,41 +425,18 @@ def paired_table(diffs, row_order=None):
     wide = wide.reindex(_row_order(wide.index, row_order)); wide.columns.name = None
     return wide.fillna('–').reset_index()
 
-def _snapshot_eval(paper: Paper, result: RunResult, path: Path) -> dict:
-    """The record of the snapshot `path` of a run, evaluated with the run's protocol (`EvalResult.to_dict`);
-    cached beside it as `iter_<k>.eval.json`."""
-    cache = path.with_suffix('.eval.json')
-    e = read_or_quarantine(cache, read_json, 'the snapshot is evaluated again')
-    if e is None:
-        cfg, s = result.folder.config, SyntheticSet.load(path)
-        ds, ev = paper._loaded[cfg['dataset']], cfg['eval']
-        protocol = EvalProtocol(net=cfg['net'], net_options=cfg['net_options'], lr=eval_lr(cfg['method'], s),
-                                epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=paper.device)
-        r = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, protocol, n_classes=ds.n_classes,
-                            checkpoint=path.with_name(f'eval_checkpoint_{path.stem}.pt'))  # not iter_*
-        e = r.to_dict()
-        atomic_write(cache, lambda f: json.dump(e, f), 'w')
-    paper.used(cache)
-    return e
-
 def curve(paper: Paper, result: RunResult, points: int = 5):
-    """Accuracy of the set at up to `points` snapshots of the run (evenly spread, the last always included),
-    with the wall-clock seconds of distillation up to each; the final point is the run's own evaluation."""
+    """Accuracy of the set at up to `points` points of the run (`ptm_nb.runs.curve_snapshots`: snapshots
+    evenly spread, then the run's own evaluation), with the wall-clock seconds of distillation up to each.
+    The snapshots are evaluated here where no evaluation is cached; `Paper.compute(specs, points=...)`
+    evaluates them beforehand on the grid, in parallel."""
     import pandas as pd
-    snaps = result.folder.snapshots()
-    last = result.folder.config['hp'].get('iterations')
-    snaps = [(i, p) for i, p in snaps if i != last]
-    if points > 2 and snaps:
-        snaps = [snaps[k] for k in sorted({round(k * (len(snaps) - 1) / (points - 2))
-                                           for k in range(points - 1)})]
-    elif points == 2 and snaps: snaps = snaps[-1:]
-    else: snaps = []
+    cfg = result.folder.config
     wall = {r['iteration']: r.get('wall_s') for r in result.folder.metrics()}
-    rows = []
-    for it, path in snaps:
-        e = _snapshot_eval(paper, result, path)
-        rows.append({'iteration': it, 'wall_s': wall.get(it), 'acc_mean': e['acc_mean'],
-                     'acc_std': e['acc_std']})
+    rows = [{'iteration': it, 'wall_s': wall.get(it), 'acc_mean': e['acc_mean'], 'acc_std': e['acc_std']}
+            for it, e in evaluate_curve(result.folder, points, paper._loaded[cfg['dataset']], paper.device,
+                                        used=paper.used)]
+    last = cfg['hp'].get('iterations')
     final_it = max(wall) if wall else last
     rows.append({'iteration': final_it, 'wall_s': wall.get(final_it), 'acc_mean': result.eval['acc_mean'],
                  'acc_std': result.eval['acc_std']})

@@ -32,7 +32,8 @@ __all__ = ['HPARAMS_PATH', 'SCALES', 'DEVICES', 'TOP_FIELDS', 'EVAL_KNOBS', 'EXP
            'resolve_device', 'is_volume', 'scale_for', 'parse_set_value', 'method_knobs', 'override_keys',
            'check_value', 'check_overrides', 'method_config', 'check_config', 'RunSpec', 'run_id', 'eval_lr',
            'RunResult', 'expert_batch', 'expert_config', 'experts_for', 'read_finished', 'run', 'results_table',
-           'evaluate_on_net', 'evaluate_full_data', 'expert_buffers']
+           'evaluate_on_net', 'curve_snapshots', 'evaluate_snapshot', 'evaluate_curve', 'evaluate_full_data',
+           'expert_buffers']
 
 # %% ../nbs/08_runs.ipynb #451d031c
 import ptm_nb
@@ -582,6 +583,39 @@ def evaluate_on_net(result: RunResult, net: str, ds, net_options: dict | None = 
         atomic_write(path, lambda f: json.dump(found, f, indent=1, default=float), 'w')
     if used is not None: used(path)
     return found
+
+def curve_snapshots(folder: RunFolder, points: int) -> list[tuple[int, Path]]:
+    """(iteration, path) of the snapshots a curve of `points` points reads, evenly spread over the run (the
+    first and the last before the end); the curve's last point is the run's own evaluation. A snapshot counts
+    where its set or its evaluation (`iter_<k>.eval.json`, what a clone of the committed records holds) is."""
+    last = folder.config['hp'].get('iterations')
+    found = {int(p.name.split('.')[0].split('_')[1]) for p in (folder.path / 'snapshots').glob('iter_*')
+             if p.name.endswith(('.pt', '.eval.json')) and not p.name.startswith('eval_')}
+    snaps = [(i, folder.path / 'snapshots' / f'iter_{i:06d}.pt') for i in sorted(found) if i != last]
+    if not snaps or points < 2: return []
+    if points == 2: return snaps[-1:]
+    return [snaps[k] for k in sorted({round(k * (len(snaps) - 1) / (points - 2)) for k in range(points - 1)})]
+
+def evaluate_snapshot(folder: RunFolder, path: Path, ds, device: str = 'cpu', used=None) -> dict:
+    """The snapshot `path` of the run in `folder` evaluated with the run's protocol (its nets, epochs, seed
+    and evaluation lr rule) on the test split of `ds`; cached beside it as `iter_<k>.eval.json` (a damaged one
+    is set aside and the snapshot evaluated again); a killed evaluation resumes from its checkpoint."""
+    cache = path.with_suffix('.eval.json')
+    e = read_or_quarantine(cache, read_json, 'the snapshot is evaluated again')
+    if e is None:
+        cfg, s, ev = folder.config, SyntheticSet.load(path), folder.config['eval']
+        protocol = EvalProtocol(net=cfg['net'], net_options=cfg['net_options'], lr=eval_lr(cfg['method'], s),
+                                epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=device)
+        r = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, protocol, n_classes=ds.n_classes,
+                            checkpoint=path.with_name(f'eval_checkpoint_{path.stem}.pt'))  # not iter_*
+        e = r.to_dict()
+        atomic_write(cache, lambda f: json.dump(e, f, indent=1, default=float), 'w')
+    if used is not None: used(cache)
+    return e
+
+def evaluate_curve(folder: RunFolder, points: int, ds, device: str = 'cpu', used=None) -> list:
+    "(iteration, evaluation) of each snapshot a curve of `points` points reads (`curve_snapshots`)."
+    return [(i, evaluate_snapshot(folder, p, ds, device, used)) for i, p in curve_snapshots(folder, points)]
 
 FULL_DATA = {'epochs': 30, 'nets': 3}       # the full-data row of a scale whose preset names none
 

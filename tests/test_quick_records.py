@@ -23,8 +23,7 @@ def quick_copy(tmp_path, data_dir, monkeypatch):
         if tasks: raise AssertionError(f'committed records missing, would compute: {list(tasks)[:3]}')
         return real_run_grid(tasks, *a, **k)
     monkeypatch.setattr(ptm_nb.grid, 'run_grid', guarded)
-    for mod, name in ((ptm_nb.runs, 'evaluate_synset'), (ptm_nb.runs, 'full_data_baseline'),
-                      (ptm_nb.report, 'evaluate_synset')):
+    for mod, name in ((ptm_nb.runs, 'evaluate_synset'), (ptm_nb.runs, 'full_data_baseline')):
         monkeypatch.setattr(mod, name, _no_work)
     return tmp_path
 
