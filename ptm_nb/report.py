@@ -660,11 +660,17 @@ def notebook_params(name: str, common: dict, methods=None, ipcs=None) -> dict:
     if not name.startswith('table') or name == 'table1_datasets': return dict(common)
     return {**common, **{k: v for k, v in (('methods', methods), ('ipcs', ipcs)) if v}}
 
+def _keys_as_text(obj):
+    "`obj` with every mapping key as text, as JSON writes it: mixed keys (`{default: .., 10: ..}`) then sort."
+    if isinstance(obj, dict): return {str(k): _keys_as_text(v) for k, v in obj.items()}
+    return [_keys_as_text(v) for v in obj] if isinstance(obj, list) else obj
+
 def hparams_digest() -> str:
     "sha256 of the hyper-parameter table as data (comments and layout do not count): a preset change re-runs."
     import hashlib
     from ptm_nb.runs import load_hparams
-    return hashlib.sha256(json.dumps(load_hparams(), sort_keys=True, default=str).encode()).hexdigest()
+    text = json.dumps(_keys_as_text(load_hparams()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 def _finished_before(name: str, stamp: dict, root: Path, log) -> bool:
     """Whether paper notebook `name` ran before under `root` with the same source, parameters and

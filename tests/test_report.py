@@ -124,3 +124,21 @@ def test_a_changed_preset_runs_the_notebook_again(tmp_path, data_dir):
                        env={**_env(data_dir), 'PTM_HPARAMS': str(changed)}, capture_output=True, text=True,
                        timeout=600, cwd=REPO)
     assert r.returncode == 0 and '1 notebook(s) run, 0 skipped' in r.stdout, r.stdout + r.stderr
+
+
+def test_the_hparams_digest_reads_keys_of_mixed_kinds(tmp_path, monkeypatch):
+    "Seeds by method and by ipc (`{default: [0, 1, 2], 10: {ptm: [0]}}`) mix text and number keys in one mapping."
+    import hashlib, yaml
+    from ptm_nb.report import hparams_digest
+    table = yaml.safe_load((REPO / 'hparams.yaml').read_text())
+    table['paper']['presets']['quick']['notebooks']['table2_mnist']['seeds'] = {'default': [0, 1, 2], 10: {'ptm': [0]}}
+    path = tmp_path / 'hparams.yaml'
+    path.write_text(yaml.safe_dump(table))
+    monkeypatch.setenv('PTM_HPARAMS', str(path))
+    digest = hparams_digest()
+    seeds = table['paper']['presets']['quick']['notebooks']['table2_mnist']['seeds']
+    seeds['10'] = seeds.pop(10)                          # as JSON writes it: the same table, the same digest
+    assert digest == hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
+    seeds['10']['ptm'] = [0, 1]                          # and a changed value changes it
+    path.write_text(yaml.safe_dump(table))
+    assert hparams_digest() != digest
