@@ -418,7 +418,8 @@ def paired_table(diffs, row_order=None):
     "The paired differences laid out like the tables: '+3.10 ± 1.20 (3/3)' in points, one row per baseline."
     if not len(diffs): return diffs
     d = diffs.copy()
-    d['cell'] = [f'{100 * m:+.2f} ± {100 * s:.2f} ({w}/{n})'
+    spread = lambda s, n: f' ± {100 * s:.2f}' if n > 1 else ''          # one seed: no spread
+    d['cell'] = [f'{100 * m:+.2f}{spread(s, n)} ({w}/{n})'
                  for m, s, w, n in zip(d.diff_mean, d.diff_std, d.wins, d.seeds)]
     d['column'] = [f'{ds} / ipc {i}' for ds, i in zip(d.dataset, d.ipc)]
     wide = d.pivot_table(index='baseline', columns='column', values='cell', aggfunc='first', sort=False)
