@@ -571,15 +571,22 @@ def evaluate_on_net(result: RunResult, net: str, ds, net_options: dict | None = 
     (a damaged file is set aside and the set evaluated again); a killed evaluation resumes from its
     checkpoint."""
     path = result.folder.path / f'eval_{net}.json'
-    found = read_or_quarantine(path, read_json, f'the set is evaluated on {net} again')   # see ptm_nb.io
-    if found is None:
+    def evaluate():
         cfg, s, ev = result.folder.config, result.synset, result.folder.config['eval']
         options = cfg['net_options'] if net == cfg['net'] else net_options or {}
         protocol = EvalProtocol(net=net, net_options=options, lr=result.eval['lr'], epochs=ev['epochs'],
                                 K=ev['nets'], seed=cfg['seed'], device=device)
         res = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, protocol, n_classes=ds.n_classes,
                               checkpoint=path.with_name(f'eval_{net}_checkpoint.pt'))
-        found = {'net': net, 'net_options': options, **res.to_dict()}
+        return {'net': net, 'net_options': options, **res.to_dict()}
+    return _cached(path, f'the set is evaluated on {net} again', evaluate, used)
+
+def _cached(path: Path, redo: str, evaluate, used=None) -> dict:
+    """The evaluation record at `path`, made by `evaluate()` and written atomically where there is none (a
+    damaged one is set aside and made again, `redo` says so: see ptm_nb.io)."""
+    found = read_or_quarantine(path, read_json, redo)
+    if found is None:
+        found = evaluate()
         atomic_write(path, lambda f: json.dump(found, f, indent=1, default=float), 'w')
     if used is not None: used(path)
     return found
@@ -590,7 +597,7 @@ def curve_snapshots(folder: RunFolder, points: int) -> list[tuple[int, Path]]:
     where its set or its evaluation (`iter_<k>.eval.json`, what a clone of the committed records holds) is."""
     last = folder.config['hp'].get('iterations')
     found = {int(p.name.split('.')[0].split('_')[1]) for p in (folder.path / 'snapshots').glob('iter_*')
-             if p.name.endswith(('.pt', '.eval.json')) and not p.name.startswith('eval_')}
+             if p.name.endswith(('.pt', '.eval.json'))}
     snaps = [(i, folder.path / 'snapshots' / f'iter_{i:06d}.pt') for i in sorted(found) if i != last]
     if not snaps or points < 2: return []
     if points == 2: return snaps[-1:]
@@ -600,18 +607,14 @@ def evaluate_snapshot(folder: RunFolder, path: Path, ds, device: str = 'cpu', us
     """The snapshot `path` of the run in `folder` evaluated with the run's protocol (its nets, epochs, seed
     and evaluation lr rule) on the test split of `ds`; cached beside it as `iter_<k>.eval.json` (a damaged one
     is set aside and the snapshot evaluated again); a killed evaluation resumes from its checkpoint."""
-    cache = path.with_suffix('.eval.json')
-    e = read_or_quarantine(cache, read_json, 'the snapshot is evaluated again')
-    if e is None:
+    def evaluate():
         cfg, s, ev = folder.config, SyntheticSet.load(path), folder.config['eval']
         protocol = EvalProtocol(net=cfg['net'], net_options=cfg['net_options'], lr=eval_lr(cfg['method'], s),
                                 epochs=ev['epochs'], K=ev['nets'], seed=cfg['seed'], device=device)
-        r = evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, protocol, n_classes=ds.n_classes,
-                            checkpoint=path.with_name(f'eval_checkpoint_{path.stem}.pt'))  # not iter_*
-        e = r.to_dict()
-        atomic_write(cache, lambda f: json.dump(e, f, indent=1, default=float), 'w')
-    if used is not None: used(cache)
-    return e
+        checkpoint = path.with_name(f'eval_checkpoint_{path.stem}.pt')               # not iter_*
+        return evaluate_synset(s.images, s.labels, ds.test_x, ds.test_y, protocol, n_classes=ds.n_classes,
+                               checkpoint=checkpoint).to_dict()
+    return _cached(path.with_suffix('.eval.json'), 'the snapshot is evaluated again', evaluate, used)
 
 def evaluate_curve(folder: RunFolder, points: int, ds, device: str = 'cpu', used=None) -> list:
     "(iteration, evaluation) of each snapshot a curve of `points` points reads (`curve_snapshots`)."
