@@ -37,6 +37,24 @@ def test_one_budget_across_the_trajectory_matching_methods(ipc):
     assert cafe['iterations'] * cafe['max_outer'] == budget
 
 
+def test_quick_ptm_overlap_weight_per_pair_is_the_same_at_ipc_2_and_10():
+    "Eq. 4 sums over a class's |F|·|C| pairs (1 at ipc 2, 25 at ipc 10): the quick β2 keeps β2 × L_overlap level."
+    import torch
+    from ptm_nb.ptm import overlap_loss
+    beta = {ipc: RunSpec('ptm', 'pathmnist_subset1000', ipc, 'quick').resolve()['hp']['beta_overlap']
+            for ipc in (2, 10)}
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)   # 3 classes' two halves
+    ipc2 = torch.stack([a, b], 1).reshape(6, 1, 8, 8)
+    # the same two images per class, each half repeated 5 times: the kernel means of Eq. 4 are unchanged
+    ipc10 = torch.cat([a.unsqueeze(1).expand(3, 5, 1, 8, 8), b.unsqueeze(1).expand(3, 5, 1, 8, 8)], 1)
+    l2, l10 = (float(overlap_loss(x, 3, ipc, sigma=4.0)) for x, ipc in ((ipc2, 2), (ipc10.reshape(30, 1, 8, 8), 10)))
+    assert l2 < 0 and l10 == pytest.approx(25 * l2, rel=1e-5)
+    assert beta[10] * l10 == pytest.approx(beta[2] * l2, rel=1e-5)
+    # the paper preset keeps the paper's one β2
+    assert len({RunSpec('ptm', 'pathmnist', ipc, 'paper').resolve()['hp']['beta_overlap'] for ipc in (2, 10)}) == 1
+
+
 @pytest.mark.parametrize('scale', ['quick', 'paper'])
 def test_every_trajectory_matching_row_uses_flat_experts_and_plain_is_the_ablation(scale):
     for m in TM + ['seqmatch']:
