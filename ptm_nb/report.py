@@ -22,7 +22,7 @@ from .train import majority_class_accuracy
 # %% auto #0
 __all__ = ['REPO', 'NOTEBOOKS', 'METHOD_TITLES', 'METRICS', 'outputs_root', 'choose_dataset', 'Choice', 'cell', 'wide_table',
            'Paper', 'method_title', 'distill_seconds', 'result_row', 'seeds_for', 'results_grid', 'over_seeds',
-           'paired_differences', 'paired_table', 'curve', 'full_data_note', 'where_note', 'time_note',
+           'paired_differences', 'paired_table', 'curve', 'full_data_note', 'where_note', 'time_note', 'seeded_tables',
            'failed_notebooks', 'write_index', 'write_html', 'changed_inputs', 'paper_notebook', 'select_notebooks',
            'check_methods', 'check_ipcs', 'check_datasets', 'notebook_params', 'hparams_digest', 'reproduce']
 
@@ -472,6 +472,35 @@ def time_note(summary) -> str:
     parts = ', '.join(f'{m} {s(d)} / {s(e)}' for m, (d, e) in per.iterrows())
     return ('Wall time per run (s, mean over its cells; distillation / evaluation; a part resumed after a '
             f'kill counts from its resume): {parts}.')
+
+# %% ../nbs/09a_report.ipynb #44ae37c7
+def seeded_tables(paper: Paper, long, name: str, title: str, methods, seeds, ipcs) -> dict:
+    """The tables of a seeded results grid (`long`: one row per run, from `results_grid`), saved under
+    `name`, `name`_balanced and `name`_paired with their notes: {'accuracy', 'balanced', 'paired': the wide
+    frames}."""
+    summary = over_seeds(long)                                                       # one row per cell
+    order = [method_title(m) for m in methods] + [method_title('full'), method_title('majority')]
+    short = title.split(':')[0]                                                      # 'Table 2'
+    wide = wide_table(summary, row_order=order) if len(long) else long
+    paper.save_table(long, name, wide, title=title,
+                     notes=[paper.protocol_note(), paper.seeds_note(seeds), full_data_note(long),
+                            paper.data_note(),
+                            paper.budget_note(methods, paper.choices[0], ipcs[0]) if paper.choices else '',
+                            where_note(long)])
+    balanced = wide_table(summary, row_order=order, value='bal_acc_mean') if len(long) else long
+    keep = ['method', 'dataset', 'used', 'ipc', 'bal_acc_mean', 'bal_acc_std', 'auc_mean', 'auc_std']
+    paper.save_table(summary[[c for c in keep if c in summary]], f'{name}_balanced', balanced,
+                     title=f'{short}, balanced accuracy (mean per-class recall, %)',
+                     notes=[paper.protocol_note(reported=False, metric='Balanced accuracy'),
+                            full_data_note(long), paper.data_note()])
+    diffs = paired_differences(long, 'PTM') if len(long) else long
+    paired = paired_table(diffs, order)
+    paper.save_table(diffs, f'{name}_paired', paired,
+                     title=f'{short}, PTM − baseline per seed (accuracy points)',
+                     notes=['Mean ± std over seeds of PTM minus the baseline, in accuracy points; (k/n): PTM '
+                            'ahead in k of n seeds.', paper.seeds_note(seeds), time_note(summary),
+                            where_note(long)])
+    return {'accuracy': wide, 'balanced': balanced, 'paired': paired}
 
 # %% ../nbs/09a_report.ipynb #1a7c83e2
 def failed_notebooks(root) -> dict:

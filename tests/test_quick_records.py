@@ -28,12 +28,14 @@ def quick_copy(tmp_path, data_dir, monkeypatch):
     return tmp_path
 
 
-def test_quick_table2_reads_back_and_matches_the_committed_table(quick_copy):
-    paper = Paper('table2_mnist', scale='quick', out=quick_copy, device='cpu')
+@pytest.mark.parametrize('notebook, table', [('table2_mnist', 'table2'), ('table3_highres', 'table3')])
+def test_quick_seeded_tables_read_back_and_match_the_committed_ones(quick_copy, notebook, table):
+    if not (QUICK / 'tables' / f'{notebook}.csv').exists(): pytest.skip(f'no quick {notebook} committed yet')
+    paper = Paper(notebook, scale='quick', out=quick_copy, device='cpu')
     p = paper.nb_preset
-    long = results_grid(paper, 'table2', p['datasets'], p['ipcs'], paper.methods(p.get('methods')),
+    long = results_grid(paper, table, p['datasets'], p['ipcs'], paper.methods(p.get('methods')),
                         seeds=p.get('seeds'))
-    committed = pd.read_csv(QUICK / 'tables' / 'table2_mnist.csv')
+    committed = pd.read_csv(QUICK / 'tables' / f'{notebook}.csv')
     key = ['method', 'used', 'ipc', 'seed']
     a = long[long.seed.notna()].set_index(key).acc_mean.sort_index()
     b = committed[committed.seed.notna()].set_index(key).acc_mean.sort_index()
