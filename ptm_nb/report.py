@@ -476,8 +476,8 @@ def time_note(summary) -> str:
 # %% ../nbs/09a_report.ipynb #44ae37c7
 def seeded_tables(paper: Paper, long, name: str, title: str, methods, seeds, ipcs) -> dict:
     """The tables of a seeded results grid (`long`: one row per run, from `results_grid`), saved under
-    `name`, `name`_balanced and `name`_paired with their notes: {'accuracy', 'balanced', 'paired': the wide
-    frames}."""
+    `name`, `name`_balanced and `name`_paired with their notes: {'accuracy', 'balanced', 'paired',
+    'paired_balanced': the wide frames}."""
     summary = over_seeds(long)                                                       # one row per cell
     order = [method_title(m) for m in methods] + [method_title('full'), method_title('majority')]
     short = title.split(':')[0]                                                      # 'Table 2'
@@ -493,14 +493,19 @@ def seeded_tables(paper: Paper, long, name: str, title: str, methods, seeds, ipc
                      title=f'{short}, balanced accuracy (mean per-class recall, %)',
                      notes=[paper.protocol_note(reported=False, metric='Balanced accuracy'),
                             full_data_note(long), paper.data_note()])
-    diffs = paired_differences(long, 'PTM') if len(long) else long
-    paired = paired_table(diffs, order)
-    paper.save_table(diffs, f'{name}_paired', paired,
-                     title=f'{short}, PTM − baseline per seed (accuracy points)',
-                     notes=['Mean ± std over seeds of PTM minus the baseline, in accuracy points; (k/n): PTM '
-                            'ahead in k of n seeds.', paper.seeds_note(seeds), time_note(summary),
-                            where_note(long)])
-    return {'accuracy': wide, 'balanced': balanced, 'paired': paired}
+    out = {'accuracy': wide, 'balanced': balanced}
+    # PTM − each baseline per seed, in accuracy and (where one class dominates the test split) balanced
+    # accuracy
+    for key, metric, what, suffix in (('paired', 'acc_mean', 'accuracy', ''),
+                                      ('paired_balanced', 'bal_acc_mean', 'balanced accuracy', '_balanced')):
+        diffs = paired_differences(long, 'PTM', metric) if len(long) else long
+        out[key] = paired_table(diffs, order)
+        paper.save_table(diffs, f'{name}_paired{suffix}', out[key],
+                         title=f'{short}, PTM − baseline per seed ({what} points)',
+                         notes=[f'Mean ± std over seeds of PTM minus the baseline, in {what} points; (k/n): '
+                                'PTM ahead in k of n seeds.', paper.seeds_note(seeds), time_note(summary),
+                                where_note(long)])
+    return out
 
 # %% ../nbs/09a_report.ipynb #1a7c83e2
 def failed_notebooks(root) -> dict:
