@@ -329,15 +329,16 @@ def result_row(paper: Paper, table: str, choice: Choice, ipc: int, method: str, 
             'nets': e['nets'], 'epochs': e['epochs'], 'lr': e['lr'],
             'paper': paper.reported(table, choice, ipc, method), 'run': res.folder.path.name, **extra}
 
-def seeds_for(seeds, ipc: int, method: str | None = None) -> list[int]:
-    """The distillation seeds of a cell: `seeds` is one list for every cell, or a dict keyed by method and/or
-    ipc (`{'datm': [0], 10: [0], 'default': [0, 1, 2]}`: a method's entry wins, then the ipc's, then
-    'default'), for fewer seeds where runs cost more; every table says how many seeds each cell has. An entry
-    may itself be such a dict, read by the other key (`{10: {'ptm': [0], 'default': []}}`: at ipc 10 only
-    PTM, one seed), and an empty list leaves the cell out (the table shows '–')."""
+def seeds_for(seeds, ipc: int, method: str | None = None, dataset: str | None = None) -> list[int]:
+    """The distillation seeds of a cell: `seeds` is one list for every cell, or a dict keyed by dataset (its
+    paper name), method and/or ipc (`{'datm': [0], 10: [0], 'default': [0, 1, 2]}`: a dataset's entry wins,
+    then a method's, then the ipc's, then 'default'), for fewer seeds where runs cost more; every table says
+    how many seeds each cell has. An entry may itself be such a dict, read by the other keys
+    (`{10: {'ptm': [0], 'default': []}}`: at ipc 10 only PTM, one seed), and an empty list leaves the cell
+    out (the table shows '–')."""
     if isinstance(seeds, dict):
-        for key in (method, ipc, str(ipc), 'default'):
-            if key is not None and key in seeds: return seeds_for(seeds[key], ipc, method)
+        for key in (dataset, method, ipc, str(ipc), 'default'):
+            if key is not None and key in seeds: return seeds_for(seeds[key], ipc, method, dataset)
         return [0]
     return [int(s) for s in seeds]
 
@@ -364,7 +365,7 @@ def results_grid(paper: Paper, table: str, datasets, ipcs, methods, reference_ro
     choices = paper.datasets(datasets)
     seeds = [paper.seed] if seeds is None else seeds
     cells = [(c, ipc, s, m) for c in choices for ipc in ipcs for m in methods
-             for s in seeds_for(seeds, ipc, m)]
+             for s in seeds_for(seeds, ipc, m, c.paper_name)]
     paper.compute([paper.spec(m, c, ipc, seed=s) for c, ipc, s, m in cells])       # plan, then execute
     rows = [result_row(paper, table, c, ipc, m, paper.run(m, c, ipc, seed=s)) for c, ipc, s, m in cells]
     for choice in choices if reference_rows else ():

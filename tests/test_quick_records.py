@@ -43,5 +43,6 @@ def test_quick_seeded_tables_read_back_and_match_the_committed_ones(quick_copy, 
     cells = over_seeds(long).dropna(subset=['n_seeds'])
     for r in cells.itertuples():                                          # each cell has the seeds its preset names
         name = next(m for m in paper.methods(p.get('methods')) if ptm_nb.report.method_title(m) == r.method)
-        assert r.n_seeds == len(seeds_for(p.get('seeds') or [0], r.ipc, name))
+        dataset = next(c.paper_name for c in paper.choices if c.used_name == r.used)
+        assert r.n_seeds == len(seeds_for(p.get('seeds') or [0], r.ipc, name, dataset))
     assert len(paired_differences(long)) > 0
