@@ -1,7 +1,10 @@
 """The trajectory-matching methods at smoke scale against records made before the matching step was refactored
 into `tm_step` and hooks (tests/records/tm_smoke.pt): the same run ids, the same synthetic sets and the same
 evaluations. On the machine that made the records they are equal bit for bit (torch.equal); on another CPU the
-kernels may round differently, so the test allows float noise (1e-3) and one flipped test prediction per net."""
+kernels round differently and 100 updates at a large lr_img carry that noise into the images (measured on a Xeon
+against the records made on an EPYC: at most 1.3e-3 of the images' norm, 0.04 of pixels up to 7 in size), so the
+test allows 5e-3 of the norm (a changed algorithm moves the set by O(1) of it) and one flipped test prediction per
+net (1/156 on BreastMNIST's test split)."""
 import pytest
 import torch
 from pathlib import Path
@@ -23,6 +26,8 @@ def test_same_id_set_and_evaluation_as_before_the_refactor(case, tmp_path):
     s = r.synset
     assert s.images.shape == want['images'].shape
     assert torch.allclose(s.labels.float(), want['labels'].float(), atol=1e-3)
-    assert torch.allclose(s.images, want['images'], atol=1e-3, rtol=1e-3), float((s.images - want['images']).abs().max())
+    rel = float((s.images - want['images']).norm() / want['images'].norm())
+    assert rel <= 5e-3, rel
     assert abs(s.lr - want['lr']) <= 1e-3 * abs(want['lr'])
-    assert all(abs(a - b) <= 0.004 for a, b in zip(r.eval['accs'], want['accs'])), (r.eval['accs'], want['accs'])
+    one_flip = 1 / 156 + 1e-9                                      # one test prediction of BreastMNIST's 156
+    assert all(abs(a - b) <= one_flip for a, b in zip(r.eval['accs'], want['accs'])), (r.eval['accs'], want['accs'])
